@@ -1,0 +1,45 @@
+"""Report tables: reading the Open-I reports shipped beside the project and user CSV files."""
+
+import csv
+import os
+from pathlib import Path
+
+# ../shared/data relative to the project root, as laid out for development and CI.
+_DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def shared_data_dir() -> Path:
+    """The folder of real CXR data (`$LLM2CLIP4CXR_DATA`, else ../shared/data beside the project)."""
+    path = Path(os.environ.get("LLM2CLIP4CXR_DATA", _DEFAULT_SHARED_DATA))
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"No CXR data folder at {path}. Set LLM2CLIP4CXR_DATA to the folder holding openi/reports.csv."
+        )
+    return path
+
+
+def read_reports_csv(path, text_columns=("findings", "impression"), id_column: str = "uid") -> list[dict]:
+    """Rows of a report CSV as dicts; rows whose text columns are all empty are skipped.
+
+    Raises a ValueError naming the missing columns when the CSV lacks any of them.
+    """
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in (id_column, *text_columns) if column not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} has no column(s) {missing}; its columns are {reader.fieldnames}.")
+        rows = []
+        for row in reader:
+            if any((row.get(column) or "").strip() for column in text_columns):
+                rows.append({key: (value or "").strip() for key, value in row.items()})
+    return rows
+
+
+def openi_report_texts(path=None) -> list[str]:
+    """Report texts of Open-I (`findings` + `impression` joined), in file order."""
+    path = Path(path) if path is not None else shared_data_dir() / "openi" / "reports.csv"
+    texts = []
+    for row in read_reports_csv(path):
+        texts.append(" ".join(part for part in (row["findings"], row["impression"]) if part))
+    return texts

@@ -1,0 +1,48 @@
+"""Build LLM2Vec4CXR encoders from scratch (small CXR-only backbones, test and benchmark models)."""
+
+from .modeling.configuration_llm2vec4cxr import LLM2Vec4CXRConfig
+from .modeling.modeling_llm2vec4cxr import LLM2Vec4CXRModel
+
+
+def backbone_config_dict(
+    family: str = "llama",
+    vocab_size: int = 32000,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_position_embeddings: int = 2048,
+    **extra,
+) -> dict:
+    """A decoder backbone config (as a dict) of the given family and size."""
+    config = {
+        "model_type": family,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": hidden_size // num_heads,
+        "intermediate_size": intermediate_size or 4 * hidden_size,
+        "max_position_embeddings": max_position_embeddings,
+    }
+    config.update(extra)
+    return config
+
+
+def build_text_encoder(tokenizer, family: str = "llama", pooling_mode: str = "mean", backbone_kwargs=None, **config_kwargs):
+    """A randomly initialised LLM2Vec4CXRModel sized to `tokenizer`, with the tokenizer attached.
+
+    The backbone's special token ids are taken from the tokenizer so that saved checkpoints agree.
+    """
+    backbone = backbone_config_dict(family, vocab_size=len(tokenizer), **(backbone_kwargs or {}))
+    backbone.update(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    config = LLM2Vec4CXRConfig(backbone_config=backbone, pooling_mode=pooling_mode, **config_kwargs)
+    model = LLM2Vec4CXRModel(config)
+    model.set_tokenizer(tokenizer)
+    return model

@@ -1,0 +1,41 @@
+import copy
+
+import pytest
+import transformers
+
+from llm2clip4cxr.data import openi_report_texts
+from llm2clip4cxr.factory import build_text_encoder
+from llm2clip4cxr.tokenization import train_report_tokenizer
+
+transformers.logging.set_verbosity_error()
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+INSTRUCTION = "Retrieve reports with the same findings"
+
+
+@pytest.fixture(scope="session")
+def report_texts():
+    """Real Open-I report texts (findings + impression)."""
+    return openi_report_texts()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(report_texts):
+    return train_report_tokenizer(report_texts[:800], vocab_size=600)
+
+
+@pytest.fixture()
+def make_encoder(tokenizer):
+    """Factory for tiny random encoders; each call gets its own tokenizer copy (padding side is mutated)."""
+
+    def make(family="llama", pooling_mode="mean", seed=0, **config_kwargs):
+        transformers.set_seed(seed)
+        backbone_kwargs = config_kwargs.pop("backbone_kwargs", {})
+        model = build_text_encoder(
+            copy.deepcopy(tokenizer), family=family, pooling_mode=pooling_mode,
+            backbone_kwargs={"hidden_size": 64, "num_layers": 2, **backbone_kwargs},
+            num_latents=config_kwargs.pop("num_latents", 16), **config_kwargs,
+        )
+        return model.eval()
+
+    return make
