@@ -46,10 +46,29 @@ class LatentAttentionPooling(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, hidden_size))
 
     def forward(self, hidden_states: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
-        batch_size = hidden_states.shape[0]
-        latents = self.latents.to(hidden_states.dtype).unsqueeze(0).expand(batch_size, -1, -1)  # (B, L, d)
-        attended, _ = self.multihead_attn(hidden_states, latents, latents, need_weights=False)  # (B, T, d)
-        return masked_mean(self.mlp(attended), pool_mask)
+        # Same math as self.multihead_attn(tokens, latents, latents), written out so that the latent
+        # keys/values are projected once per batch (not once per sample) and only the pooled tokens
+        # (no instruction, no padding) are attended from: the pooling cost then scales with the report.
+        batch_size, _, hidden_size = hidden_states.shape
+        attention = self.multihead_attn
+        num_heads = attention.num_heads
+        head_dim = hidden_size // num_heads
+        selected = pool_mask.bool()
+        tokens = hidden_states[selected]  # (N, d): the pooled tokens of the whole batch
+        sample_of_token = selected.nonzero()[:, 0]  # (N,)
+        w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+        latents = self.latents.to(hidden_states.dtype)
+        query = F.linear(tokens, w_q, b_q).view(-1, num_heads, head_dim).transpose(0, 1)  # (h, N, dh)
+        key = F.linear(latents, w_k, b_k).view(-1, num_heads, head_dim).transpose(0, 1)  # (h, L, dh)
+        value = F.linear(latents, w_v, b_v).view(-1, num_heads, head_dim).transpose(0, 1)  # (h, L, dh)
+        dropout = attention.dropout if self.training else 0.0
+        attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)  # (h, N, dh)
+        attended = attention.out_proj(attended.transpose(0, 1).reshape(-1, hidden_size))  # (N, d)
+        per_token = self.mlp(attended)
+        sums = per_token.new_zeros(batch_size, hidden_size).index_add_(0, sample_of_token, per_token)
+        counts = selected.sum(dim=1, keepdim=True).clamp(min=1).to(per_token.dtype)
+        return sums / counts
 
 
 def masked_mean(hidden_states: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
@@ -484,6 +503,8 @@ class LLM2Vec4CXRSentenceEncoder(nn.Module):
     """
 
     modalities = ["text"]
+    # SentenceTransformer.save() then writes the model (and this remote code) at the folder root.
+    save_in_root = True
 
     def __init__(self, model: LLM2Vec4CXRModel):
         super().__init__()
