@@ -162,7 +162,8 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(reference.shape[:2], dtype=torch.long, device=reference.device)
         if position_ids is None:
-            # Count positions from the first real token so that left padding does not shift RoPE.
+            # Count positions from the first real token: plain RoPE is relative, but scaled RoPE variants
+            # and the max_position_embeddings limit see absolute positions, which left padding would shift.
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
         outputs = self.model(
             input_ids=input_ids,

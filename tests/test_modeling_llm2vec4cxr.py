@@ -106,9 +106,12 @@ def test_embed_mask_covers_exactly_the_report(make_encoder):
     assert model.tokenizer.decode(ids[~embed], skip_special_tokens=True).strip() == "Find similar reports"
 
 
-@pytest.mark.parametrize("pooling_mode", POOLING_MODES)
-def test_padding_side_and_batch_size_do_not_change_embeddings(make_encoder, report_texts, pooling_mode):
-    model = make_encoder(pooling_mode=pooling_mode)
+@pytest.mark.parametrize(
+    ("family", "pooling_mode"),
+    [("llama", mode) for mode in POOLING_MODES] + [(family, "mean") for family in FAMILIES[1:]],
+)
+def test_padding_side_and_batch_size_do_not_change_embeddings(make_encoder, report_texts, family, pooling_mode):
+    model = make_encoder(family, pooling_mode=pooling_mode)
     texts = report_texts[:9]
     model.tokenizer.padding_side = "right"
     reference = model.encode(texts, instruction=INSTRUCTION, batch_size=9)
