@@ -1,0 +1,362 @@
+"""Chest X-ray image loading and preprocessing: files (PNG, JPEG, DICOM), PIL images or arrays to model input.
+
+`load_image(path)` turns any supported file into a float32 grayscale array in [0, 1] with bone bright,
+whatever the format or bit depth. `ImagePreprocessor` turns a batch of paths, PIL images or arrays into
+the (B, 3, size, size) tensor a CLIP-style vision tower expects (aspect kept, padded to square).
+
+Pillow and pydicom are optional dependencies (`pip install "llm2clip4cxr[imaging]"`), imported only
+when an image is actually read, so `import llm2clip4cxr` works without them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageInput", "ImageLoadError", "ImagePreprocessor", "load_image"]
+
+# OpenAI CLIP's normalisation: the statistics CLIP-style vision towers expect by default.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# ITU-R BT.601 luma, the weights Pillow's own convert("L") uses.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+_EXTRA_HINT = 'pip install "llm2clip4cxr[imaging]"'
+
+ImageInput = Union[str, "os.PathLike[str]", "PIL.Image.Image", np.ndarray]
+
+
+class ImageLoadError(OSError, ValueError):
+    """An image file (or in-memory image) could not be turned into a usable grayscale image.
+
+    Subclasses both OSError and ValueError (like `io.UnsupportedOperation`), so callers that skip bad
+    files with either `except OSError` or `except ValueError` catch it.
+    """
+
+
+def _import_optional(module: str) -> Any:
+    """Import an optional dependency, or fail with the pip command that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = {"PIL": "Pillow", "pydicom": "pydicom"}.get(module.split(".")[0], module)
+        raise ImportError(
+            f"Reading images needs {package}, which is not installed. Install it with `{_EXTRA_HINT}`."
+        ) from err
+
+
+def _min_max(image: np.ndarray, source: str) -> np.ndarray:
+    """Scale to [0, 1] (darkest pixel 0, brightest 1) as float32; a constant image is an error, not a blank."""
+    if image.size == 0:
+        raise ImageLoadError(f"{source} has no pixels (shape {image.shape}).")
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ImageLoadError(f"{source} contains NaN or infinite pixel values; replace them before loading.")
+    low, high = image.min(), image.max()
+    if high <= low:
+        raise ImageLoadError(
+            f"{source} is constant (every pixel is {low.item()!r}), so it carries no image; "
+            "check the file is not blank or its windowing does not clip everything."
+        )
+    # float64 keeps rescaled DICOM values exact; 8/16-bit pixels are exact in float32 and twice as fast.
+    work_dtype = np.float64 if image.dtype in (np.float64, np.int32, np.uint32, np.int64, np.uint64) else np.float32
+    scaled = (image.astype(work_dtype) - work_dtype(low)) * work_dtype(1.0 / (float(high) - float(low)))
+    return scaled.astype(np.float32, copy=False)
+
+
+def _rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) -> (H, W) luma in float32 (no 8-bit rounding, unlike Pillow's convert("L"))."""
+    return rgb[..., :3].astype(np.float32, copy=False) @ _LUMA
+
+
+def _pil_to_gray(image: PIL.Image.Image) -> np.ndarray:
+    """A PIL image as an (H, W) array at its native bit depth (not yet scaled); alpha is ignored."""
+    if image.mode in ("L", "I", "F") or image.mode.startswith("I;16"):
+        return np.asarray(image)
+    if image.mode in ("1", "LA", "La"):
+        return np.asarray(image.convert("L"))
+    # Palette, RGB(A), CMYK, YCbCr...: via RGB, as a viewer would show them.
+    return _rgb_to_gray(np.asarray(image.convert("RGB")))
+
+
+def _check_frame(frame: int | None, n_frames: int, path: str) -> None:
+    """Multi-frame files need an explicit frame: silently taking the first could pick the wrong view."""
+    if frame is None:
+        if n_frames > 1:
+            raise ImageLoadError(
+                f"{path} has {n_frames} frames; pass `frame=` (0 to {n_frames - 1}) to load_image to pick one."
+            )
+    elif not isinstance(frame, int) or not 0 <= frame < n_frames:
+        raise ValueError(f"`frame` must be an int in [0, {n_frames - 1}] for {path}, got {frame!r}.")
+
+
+def _read_with_pillow(path: str, frame: int | None) -> np.ndarray:
+    Image = _import_optional("PIL.Image")
+    ImageOps = _import_optional("PIL.ImageOps")
+    try:
+        image = Image.open(path)
+    except Exception as err:
+        raise ImageLoadError(f"Could not read {path} as an image ({type(err).__name__}: {err}).") from err
+    with image:
+        # MPO is a JPEG with camera preview images appended; frame 0 is the photograph itself.
+        n_frames = 1 if image.format == "MPO" else getattr(image, "n_frames", 1)
+        _check_frame(frame, n_frames, path)
+        try:
+            if frame:
+                image.seek(frame)
+            image.load()  # decoding happens here: truncated or corrupt data raises now, not later
+            if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation: show it the way viewers do
+                image = ImageOps.exif_transpose(image)
+            pixels = _pil_to_gray(image)
+        except Exception as err:
+            raise ImageLoadError(
+                f"Could not decode {path} ({image.format} {image.mode}, {type(err).__name__}: {err}); "
+                "the file is probably truncated or corrupt."
+            ) from err
+    return _min_max(pixels, str(path))
+
+
+def _missing_decoder_message(path: str, transfer_syntax: Any, decoder: Any) -> str:
+    import pydicom.uid as uids
+
+    if transfer_syntax in uids.JPEG2000TransferSyntaxes:
+        pip = "pip install pylibjpeg pylibjpeg-openjpeg"
+    elif transfer_syntax in uids.JPEGTransferSyntaxes or transfer_syntax in uids.JPEGLSTransferSyntaxes:
+        pip = "pip install pylibjpeg pylibjpeg-libjpeg"
+    else:
+        pip = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle"
+    missing = "; ".join(decoder.missing_dependencies) or "no plugin registered"
+    return (
+        f"Cannot decode the pixel data of {path}: it is compressed as '{transfer_syntax.name}' ({transfer_syntax}) "
+        f"and no installed pydicom decoder plugin supports it. Install one with `{pip}` "
+        f"(included in `{_EXTRA_HINT}`). pydicom's plugins for it: {missing}."
+    )
+
+
+def _read_dicom(path: str, frame: int | None, has_preamble: bool) -> np.ndarray:
+    pydicom = _import_optional("pydicom")
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+
+    try:
+        # force=True only for .dcm files without the 'DICM' marker (old or non-conformant exports).
+        ds = pydicom.dcmread(path, force=not has_preamble)
+    except Exception as err:
+        raise ImageLoadError(f"Could not read {path} as DICOM ({type(err).__name__}: {err}).") from err
+    if "PixelData" not in ds:
+        hint = "" if has_preamble else " It has no 'DICM' marker at byte 128 either: is it a DICOM file at all?"
+        raise ImageLoadError(
+            f"{path} has no (7FE0,0010) Pixel Data, so there is no image to load "
+            f"(SOP class {ds.get('SOPClassUID', 'unknown')}).{hint}"
+        )
+    transfer_syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+    if transfer_syntax is None:
+        raise ImageLoadError(f"{path} has no (0002,0010) Transfer Syntax UID, so its pixel data cannot be decoded.")
+    try:
+        decoder = get_decoder(transfer_syntax)
+    except NotImplementedError as err:
+        raise ImageLoadError(
+            f"{path} uses transfer syntax '{transfer_syntax.name}' ({transfer_syntax}), which pydicom cannot decode "
+            "(video or unsupported compression); convert it to an image DICOM, PNG or JPEG first."
+        ) from err
+    if not decoder.is_available:
+        raise ImageLoadError(_missing_decoder_message(path, transfer_syntax, decoder))
+
+    _check_frame(frame, int(ds.get("NumberOfFrames") or 1), path)
+    try:
+        pixels = pixel_array(ds, index=frame)
+    except Exception as err:
+        raise ImageLoadError(
+            f"Could not decode the '{transfer_syntax.name}' pixel data of {path} "
+            f"({type(err).__name__}: {err}); the file is probably truncated or corrupt."
+        ) from err
+
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        try:
+            pixels = apply_modality_lut(pixels, ds)  # Modality LUT or RescaleSlope/Intercept
+            if ds.get("VOILUTSequence") and pixels.dtype.kind == "f" and np.array_equal(pixels, np.round(pixels)):
+                pixels = pixels.astype(np.int64)  # a VOI LUT indexes by integer; pydicom warns on float input
+            pixels = apply_voi_lut(pixels, ds)  # VOI LUT, else the first WindowCenter/WindowWidth pair
+        except Exception as err:
+            raise ImageLoadError(
+                f"Could not apply the Modality/VOI LUT or window of {path} ({type(err).__name__}: {err}); "
+                "its Rescale, LUT or Window Center/Width elements are invalid."
+            ) from err
+        image = _min_max(pixels, path)
+        # MONOCHROME1 stores bone dark; invert so every image shows bone bright. Presentation LUT Shape is
+        # not applied on top: DX files pair MONOCHROME1 with INVERSE, which means this same single inversion.
+        return 1.0 - image if photometric == "MONOCHROME1" else image
+    if photometric == "PALETTE COLOR":
+        return _min_max(_rgb_to_gray(apply_color_lut(pixels, ds)), path)
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:  # RGB, or YBR already converted to RGB by pydicom
+        return _min_max(_rgb_to_gray(pixels), path)
+    raise ImageLoadError(
+        f"{path} has Photometric Interpretation {photometric!r} with {ds.get('SamplesPerPixel')} samples per pixel; "
+        "supported are MONOCHROME1, MONOCHROME2, PALETTE COLOR, RGB and YBR."
+    )
+
+
+def load_image(path: str | os.PathLike[str], *, frame: int | None = None) -> np.ndarray:
+    """Load a chest X-ray file as a float32 grayscale array of shape (H, W) in [0, 1], bone bright.
+
+    Formats: PNG, JPEG (and other raster formats Pillow reads, e.g. TIFF), 8- or 16-bit, grayscale or colour
+    (colour becomes BT.601 luma, alpha is ignored); DICOM (detected by its 'DICM' marker or a .dcm/.dicom/.dic
+    suffix) with the Modality LUT or Rescale Slope/Intercept, then the VOI LUT or first Window Center/Width,
+    then MONOCHROME1 inverted so bone is bright as in MONOCHROME2.
+
+    Every format is then min-max scaled (darkest pixel 0, brightest 1), so the model sees the same input
+    whatever bit depth the file was stored at.
+
+    Args:
+        path: The image file.
+        frame: Which frame of a multi-frame file (DICOM, TIFF, GIF) to load, from 0. Multi-frame files
+            require it: picking the first frame silently could return the wrong view.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ImageLoadError: The file is corrupt, truncated, not an image, constant, multi-frame without `frame`,
+            or a compressed DICOM whose decoder plugin is missing (the message names the pip command).
+        ImportError: Pillow or pydicom is needed and not installed.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as handle:  # FileNotFoundError / IsADirectoryError name the path themselves
+        header = handle.read(132)
+    has_preamble = header[128:132] == b"DICM"
+    if has_preamble or os.path.splitext(path)[1].lower() in _DICOM_SUFFIXES:
+        return _read_dicom(path, frame, has_preamble)
+    return _read_with_pillow(path, frame)
+
+
+def _to_gray(image: ImageInput, source: str) -> np.ndarray:
+    """Any accepted input as an (H, W) float32 array in [0, 1], scaled the same way as load_image."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype.kind not in "biuf":
+            raise TypeError(f"{source} must have a bool, integer or float dtype, got {image.dtype}.")
+        if image.dtype == np.bool_:
+            image = image.astype(np.float32)
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        if image.ndim == 3 and image.shape[-1] == 3:
+            image = _rgb_to_gray(image)
+        elif image.ndim != 2:
+            raise ValueError(f"{source} must have shape (H, W) or (H, W, 3), got {image.shape}.")
+        return _min_max(image, source)
+    Image = _import_optional("PIL.Image")
+    if isinstance(image, Image.Image):
+        return _min_max(_pil_to_gray(image), source)
+    raise TypeError(
+        f"{source} must be a path, a PIL image or a numpy array of shape (H, W) or (H, W, 3), "
+        f"got {type(image).__name__}" + (" (call .numpy() on tensors)." if isinstance(image, torch.Tensor) else ".")
+    )
+
+
+class ImagePreprocessor:
+    """Chest X-rays to normalised square model input: (B, 3, size, size) float32 tensors.
+
+    Each image is loaded as grayscale in [0, 1] (`load_image` for paths; PIL images and arrays are scaled the
+    same way), its longer side resized to `size` keeping the aspect ratio, centred on a `size` x `size` canvas
+    of `pad_value`, repeated to 3 channels and normalised with `mean`/`std`. Stretching a CXR to a square would
+    distort heart and lung proportions, hence the padding.
+
+    The instance holds only plain Python values, so it pickles into DataLoader workers; it can be the
+    `collate_fn` itself, which moves decoding and resizing into the workers:
+    `DataLoader(paths, batch_size=32, num_workers=4, collate_fn=ImagePreprocessor())`.
+
+    Args:
+        size: Side of the square output in pixels.
+        mean: Per-channel mean subtracted after padding (CLIP's by default).
+        std: Per-channel standard deviation divided by (CLIP's by default).
+        pad_value: Intensity of the padding on the [0, 1] image scale, before normalisation (0 = black, like air).
+        resample: Resize filter, "bicubic" or "bilinear" (Pillow's, antialiased when shrinking).
+
+    Example:
+        >>> preprocessor = ImagePreprocessor(size=224)
+        >>> pixel_values = preprocessor(["a.dcm", "b.png"])  # (2, 3, 224, 224)
+    """
+
+    config_keys = ("size", "mean", "std", "pad_value", "resample")
+    _RESAMPLE = ("bicubic", "bilinear")
+
+    def __init__(
+        self,
+        size: int = 224,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        pad_value: float = 0.0,
+        resample: str = "bicubic",
+    ) -> None:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(f"`size` must be a positive int, got {size!r}.")
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"`mean` and `std` need 3 values (one per channel), got mean={mean}, std={std}.")
+        if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
+            raise ValueError(f"`mean` must be finite and `std` finite and positive, got mean={mean}, std={std}.")
+        if not np.isfinite(pad_value):
+            raise ValueError(f"`pad_value` must be a finite intensity on the [0, 1] scale, got {pad_value!r}.")
+        if resample not in self._RESAMPLE:
+            raise ValueError(f"`resample` must be one of {self._RESAMPLE}, got {resample!r}.")
+        self.size = int(size)
+        self.mean = mean
+        self.std = std
+        self.pad_value = float(pad_value)
+        self.resample = resample
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """Constructor arguments, so `ImagePreprocessor(**config)` rebuilds an identical preprocessor."""
+        return {key: getattr(self, key) for key in self.config_keys}
+
+    def __repr__(self) -> str:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self.get_config_dict().items())
+        return f"{type(self).__name__}({arguments})"
+
+    def resize_and_pad(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) float32 in [0, 1] -> (size, size) float32: longer side to `size`, centred on `pad_value`."""
+        Image = _import_optional("PIL.Image")
+        height, width = image.shape
+        scale = self.size / max(height, width)
+        new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
+        filter_ = Image.Resampling.BICUBIC if self.resample == "bicubic" else Image.Resampling.BILINEAR
+        # Mode 'F' resizes in float: no 8-bit rounding of 16-bit or windowed DICOM intensities.
+        resized = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize(
+            (new_width, new_height), filter_
+        )
+        canvas = np.full((self.size, self.size), self.pad_value, dtype=np.float32)
+        top, left = (self.size - new_height) // 2, (self.size - new_width) // 2
+        # Bicubic overshoots at sharp edges; clip so the image stays on the [0, 1] scale.
+        np.clip(np.asarray(resized), 0.0, 1.0, out=canvas[top : top + new_height, left : left + new_width])
+        return canvas
+
+    def normalize(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B, size, size) intensities in [0, 1] -> (B, 3, size, size) normalised float32, one vectorised op."""
+        batch = torch.as_tensor(batch, dtype=torch.float32)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return (batch.unsqueeze(1) - mean) / std  # (B, 1, S, S) broadcast to (B, 3, S, S)
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+        """Preprocess one image or a sequence of them (paths, PIL images, (H, W) or (H, W, 3) arrays, mixed).
+
+        Returns:
+            Float32 tensor of shape (B, 3, size, size); B = 1 for a single image.
+        """
+        Image = _import_optional("PIL.Image")
+        if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image, torch.Tensor)):
+            images = [images]
+        elif not isinstance(images, Sequence):
+            images = list(images) if hasattr(images, "__iter__") else [images]
+        if len(images) == 0:
+            raise ValueError("`images` is empty; pass at least one path, PIL image or array.")
+        squares = np.stack([self.resize_and_pad(_to_gray(image, f"images[{i}]")) for i, image in enumerate(images)])
+        return self.normalize(squares)
