@@ -1,0 +1,191 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from llm2clip4cxr import LLM2Vec4CXRModel
+from llm2clip4cxr.losses import info_nce_loss
+from llm2clip4cxr.report_variants import build_triplets
+from llm2clip4cxr.text_training import (
+    ContrastiveCollator,
+    ContrastiveTrainer,
+    apply_lora,
+    last_complete_checkpoint,
+    mntp_collator,
+    mntp_model_for,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "training" / "train_text_encoder.py"
+REPORTS_CSV = Path(os.environ.get("LLM2CLIP4CXR_DATA", REPO.parent / "shared" / "data")) / "openi" / "reports.csv"
+
+
+def test_mntp_predicts_each_masked_token_from_the_previous_position(make_encoder, report_texts):
+    encoder = make_encoder()
+    lm = mntp_model_for(encoder)
+    assert lm.model is encoder.model  # MNTP trains the encoder's own backbone
+    collator = mntp_collator(encoder.tokenizer, mask_probability=0.3, seed=0)
+    features = [encoder.tokenizer(text, return_special_tokens_mask=True) for text in report_texts[:4]]
+    batch = collator(features)
+    masked = batch["labels"] != -100
+    assert masked.any()
+    assert (batch["input_ids"][masked] != batch["labels"][masked]).float().mean() > 0.5  # mostly replaced
+    special = torch.tensor([[int(i in encoder.tokenizer.all_special_ids) for i in row] for row in batch["labels"].clamp(min=0).tolist()])
+    assert not (masked & special.bool()).any()
+    output = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    logits = output.logits
+    rows, positions = masked.nonzero(as_tuple=True)
+    # Reference: the label at position i is predicted from the logits at position i - 1.
+    keep = positions > 0
+    expected = F.cross_entropy(logits[rows[keep], positions[keep] - 1], batch["labels"][rows[keep], positions[keep]])
+    torch.testing.assert_close(output.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mntp_collator_needs_a_mask_token(make_encoder):
+    tokenizer = make_encoder().tokenizer
+    tokenizer.mask_token = None
+    with pytest.raises(ValueError, match="no mask token"):
+        mntp_collator(tokenizer)
+    with pytest.raises(ValueError, match="not in the tokenizer's vocabulary"):
+        mntp_collator(tokenizer, mask_token="\u2603\u2603\u2603")
+    assert mntp_collator(tokenizer, mask_token="_").tokenizer.mask_token == "_"
+
+
+def test_lora_merge_equals_adapter_model(make_encoder, report_texts):
+    encoder = make_encoder(pooling_mode="latent_attention")
+    peft_model = apply_lora(encoder)
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("gate_proj" in name for name in trainable) and any("o_proj" in name for name in trainable)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:  # zero at init: give the adapters an effect to merge
+                parameter.normal_(std=0.05)
+    peft_model.eval()
+    batch = encoder.tokenize(report_texts[:3], instruction="Find similar reports")
+    with torch.no_grad():
+        with_adapters = peft_model(**batch).pooler_output
+        merged = peft_model.merge_and_unload()
+        after_merge = merged(**batch).pooler_output
+    assert type(merged) is LLM2Vec4CXRModel
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    torch.testing.assert_close(after_merge, with_adapters, rtol=1e-4, atol=1e-5)
+
+
+def _triplet_rows(report_texts, n=8):
+    return [{key: item[key] for key in ("anchor", "positive", "negative")} for item in build_triplets(report_texts[:40], seed=0)[:n]]
+
+
+def test_contrastive_loss_is_info_nce_over_one_forward(make_encoder, report_texts):
+    encoder = make_encoder().train()
+    rows = _triplet_rows(report_texts, 4)
+    batch = ContrastiveCollator(encoder, instruction="Find similar reports")(rows)
+    assert batch["num_per_role"].tolist() == [4, 4, 4]
+    transformers.set_seed(0)
+    loss = ContrastiveTrainer.compute_loss(SimpleNamespace(scale=20.0, gather_across_processes=True), encoder, dict(batch))
+    embed = lambda column: encoder.encode([row[column] for row in rows], instruction="Find similar reports")  # noqa: E731
+    expected = info_nce_loss(embed("anchor"), embed("positive"), embed("negative"), scale=20.0)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
+    loss.backward()
+    assert encoder.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.fixture()
+def saved_tiny_encoder(make_encoder, tmp_path):
+    make_encoder().save_pretrained(tmp_path / "init")
+    return tmp_path / "init"
+
+
+def test_distributed_loss_and_gradients_equal_one_process(saved_tiny_encoder, report_texts, tmp_path):
+    """2 gloo processes, each with half the batch, gathered negatives, DDP-averaged gradients ==
+    one process on the whole batch (equal halves, so the mean of the local means is the global mean).
+    Tolerance 1e-5: the runs differ only in summation order."""
+    rows = _triplet_rows(report_texts, 8)
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    out = tmp_path / "distributed.pt"
+    # `--cpu` makes accelerate start ONE process (several CPU processes need MPI); `--multi_gpu` is its
+    # torchrun launcher, and Accelerator(cpu=True) in the script then joins a gloo group on CPU.
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "distributed_contrastive.py"),
+        str(saved_tiny_encoder), str(tmp_path / "rows.json"), str(out),
+    ]
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, timeout=180, capture_output=True)
+    distributed = torch.load(out)
+    assert distributed["world_size"] == 2
+
+    model = LLM2Vec4CXRModel.from_pretrained(saved_tiny_encoder).train()
+    batch = ContrastiveCollator(model, instruction="Find similar reports")(rows)
+    loss = ContrastiveTrainer.compute_loss(SimpleNamespace(scale=20.0, gather_across_processes=True), model, batch)
+    loss.backward()
+    torch.testing.assert_close(distributed["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert distributed["grads"].keys() == grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(distributed["grads"][name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def _recipe(*args):
+    return [sys.executable, str(RECIPE), *args]
+
+
+@pytest.mark.skipif(not REPORTS_CSV.exists(), reason="needs ../shared/data/openi/reports.csv")
+def test_interrupted_run_resumes_to_the_same_final_step(saved_tiny_encoder, tmp_path):
+    output_dir = tmp_path / "run"
+    args = [
+        "--stage", "mntp", "--model_name_or_path", str(saved_tiny_encoder), "--reports", str(REPORTS_CSV),
+        "--output_dir", str(output_dir), "--max_steps", "60", "--save_steps", "2", "--save_total_limit", "2",
+        "--per_device_train_batch_size", "4", "--report_to", "none", "--logging_steps", "50", "--disable_tqdm", "true",
+    ]
+    process = subprocess.Popen(_recipe(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while last_complete_checkpoint(output_dir) is None and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = last_complete_checkpoint(output_dir)
+    assert interrupted_at is not None and not (output_dir / "model").exists(), "the run was not interrupted mid-way"
+    subprocess.run(_recipe(*args, "--resume", "true"), check=True, capture_output=True, timeout=300)
+    state = json.loads((Path(last_complete_checkpoint(output_dir)) / "trainer_state.json").read_text())
+    assert state["global_step"] == 60
+    assert int(Path(interrupted_at).name.split("-")[1]) < 60
+    assert LLM2Vec4CXRModel.from_pretrained(output_dir / "model").tokenizer is not None
+
+
+def test_last_complete_checkpoint_skips_a_save_cut_short(tmp_path):
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    assert last_complete_checkpoint(tmp_path) is None
+
+
+@pytest.mark.skipif(not REPORTS_CSV.exists(), reason="needs ../shared/data/openi/reports.csv")
+def test_contrastive_recipe_with_lora_writes_a_loadable_merged_encoder(saved_tiny_encoder, tmp_path):
+    sys.path.insert(0, str(REPO / "training"))
+    try:
+        import train_text_encoder
+    finally:
+        sys.path.pop(0)
+    final = train_text_encoder.main([
+        "--stage", "contrastive", "--model_name_or_path", str(saved_tiny_encoder), "--reports", str(REPORTS_CSV),
+        "--validation_fraction", "0.9", "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--lora", "true", "--report_to", "none", "--save_strategy", "no",
+        "--instruction", "Find similar reports", "--disable_tqdm", "true",
+    ])
+    trained = LLM2Vec4CXRModel.from_pretrained(final)
+    initial = LLM2Vec4CXRModel.from_pretrained(saved_tiny_encoder)
+    changed = [name for name, p in trained.state_dict().items() if not torch.equal(p, initial.state_dict()[name])]
+    assert changed and all(name.startswith("model.layers.") for name in changed)  # LoRA targets only

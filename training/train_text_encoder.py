@@ -1,0 +1,173 @@
+"""Train an LLM2Vec4CXR text encoder: MNTP, then supervised contrastive (or SimCSE).
+
+Runs with python or `accelerate launch` (see training/accelerate/*.yaml), arguments on the command
+line or in a YAML file:
+
+    # 1. masked next-token prediction on report text (LoRA, r16/alpha32, merged at the end)
+    python training/train_text_encoder.py --stage mntp --model_name_or_path runs/init \
+        --reports ../shared/data/openi/reports.csv --output_dir runs/mntp --lora --max_steps 500
+    # 2. supervised contrastive on report variants built on the fly (or --pairs triplets.jsonl)
+    python training/train_text_encoder.py --stage contrastive --model_name_or_path runs/mntp/model \
+        --reports ../shared/data/openi/reports.csv --output_dir runs/contrastive --max_steps 500
+    # resume an interrupted run from its last complete checkpoint: add --resume
+
+`--model_name_or_path` is an LLM2Vec4CXR checkpoint, or any Llama/Mistral/Qwen2/Qwen3 decoder (its
+weights go into a bidirectional backbone with a new pooling head). The trained encoder is written to
+`<output_dir>/model` (atomically: a complete folder or none).
+"""
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+import llm2clip4cxr
+from llm2clip4cxr.data import read_reports_csv
+from llm2clip4cxr.factory import encoder_from_decoder
+from llm2clip4cxr.report_variants import build_triplets, load_triplets_jsonl
+from llm2clip4cxr.text_training import (
+    ContrastiveCollator,
+    ContrastiveTrainer,
+    apply_lora,
+    last_complete_checkpoint,
+    mntp_collator,
+    mntp_model_for,
+)
+
+
+@dataclass
+class RecipeArguments:
+    stage: str = field(metadata={"help": "mntp, contrastive (report variants / pairs) or simcse (unsupervised)"})
+    model_name_or_path: str = field(metadata={"help": "LLM2Vec4CXR checkpoint or decoder LLM folder/Hub id"})
+    reports: str | None = field(default=None, metadata={"help": "report CSV (findings/impression columns)"})
+    report_columns: str = field(default="findings,impression", metadata={"help": "CSV text columns, comma-separated"})
+    pairs: str | None = field(default=None, metadata={"help": "JSONL of anchor/positive[/negative] (e.g. LLM-made variants)"})
+    validation_fraction: float = field(default=0.1, metadata={"help": "reports held out by study id (seeded)"})
+    instruction: str | None = field(default=None, metadata={"help": "instruction prepended (and pooled out) in contrastive stages"})
+    pooling_mode: str = field(default="mean", metadata={"help": "pooling head when starting from a plain decoder"})
+    mask_probability: float = field(default=0.2, metadata={"help": "MNTP: fraction of tokens masked"})
+    mask_token: str | None = field(default=None, metadata={"help": "MNTP: existing token used as mask when the tokenizer has none"})
+    scale: float = field(default=20.0, metadata={"help": "contrastive: cosine similarity scale"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    merge_lora: bool = field(default=True, metadata={"help": "fold LoRA adapters into the weights before saving"})
+    resume: bool = field(default=False, metadata={"help": "resume from the last complete checkpoint in output_dir"})
+
+
+def split_by_study(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out whole studies (by `uid`) so no report text leaks from training into validation."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    held_out = set(order[: int(round(fraction * len(rows)))])
+    return [row for i, row in enumerate(rows) if i not in held_out], [row for i, row in enumerate(rows) if i in held_out]
+
+
+def load_encoder(args: RecipeArguments):
+    if os.path.isfile(os.path.join(args.model_name_or_path, "config.json")):
+        config = transformers.AutoConfig.from_pretrained(args.model_name_or_path)
+        if isinstance(config, llm2clip4cxr.LLM2Vec4CXRConfig):
+            return llm2clip4cxr.LLM2Vec4CXRModel.from_pretrained(args.model_name_or_path)
+    return encoder_from_decoder(args.model_name_or_path, pooling_mode=args.pooling_mode)
+
+
+def report_texts(rows: list[dict], columns: list[str]) -> list[str]:
+    return [" ".join(row[column] for column in columns if row.get(column)) for row in rows]
+
+
+def build_datasets(args: RecipeArguments, seed: int):
+    columns = [column.strip() for column in args.report_columns.split(",")]
+    rows = read_reports_csv(args.reports, text_columns=columns) if args.reports else []
+    train_rows, validation_rows = split_by_study(rows, args.validation_fraction, seed) if rows else ([], [])
+    if args.stage == "mntp":
+        if not rows:
+            raise ValueError("--stage mntp needs --reports (a CSV of report text).")
+        return (datasets.Dataset.from_dict({"text": report_texts(train_rows, columns)}),
+                datasets.Dataset.from_dict({"text": report_texts(validation_rows, columns)}))
+    if args.stage == "simcse":
+        texts = report_texts(train_rows, columns)
+        return datasets.Dataset.from_dict({"anchor": texts, "positive": texts}), None
+    if args.pairs:
+        return datasets.Dataset.from_list(load_triplets_jsonl(args.pairs)), None
+    if not rows:
+        raise ValueError("--stage contrastive needs --reports (variants are built from them) or --pairs.")
+
+    def triplets(subset):
+        built = build_triplets(subset, seed=seed)
+        return datasets.Dataset.from_list([{role: item[role] for role in ("anchor", "positive", "negative")} for item in built])
+
+    return triplets(train_rows), triplets(validation_rows) if validation_rows else None
+
+
+def save_atomically(model, output_dir: str) -> str:
+    """Write the final encoder to `<output_dir>/model` via a temporary folder, so an interrupted save
+    never leaves a half-written model where a complete one is expected."""
+    final = os.path.join(output_dir, "model")
+    staging = final + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return final
+
+
+def main(argv=None) -> str:
+    parser = HfArgumentParser((RecipeArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        args, training_args = parser.parse_yaml_file(os.path.abspath(argv[0]))
+    else:
+        args, training_args = parser.parse_args_into_dataclasses(argv)
+    if args.stage not in ("mntp", "contrastive", "simcse"):
+        raise ValueError(f"--stage must be mntp, contrastive or simcse, got {args.stage!r}.")
+    training_args.remove_unused_columns = False  # the collators read raw text columns
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False  # every parameter takes part in each step
+    transformers.set_seed(training_args.seed)
+
+    encoder = load_encoder(args)
+    train_dataset, eval_dataset = build_datasets(args, training_args.seed)
+    if args.stage == "mntp":
+        tokenizer = encoder.tokenizer
+        max_length = encoder.config.max_seq_length
+
+        def tokenize(batch):
+            return tokenizer(batch["text"], truncation=True, max_length=max_length, return_special_tokens_mask=True)
+
+        train_dataset = train_dataset.map(tokenize, batched=True, remove_columns=["text"])
+        eval_dataset = eval_dataset.map(tokenize, batched=True, remove_columns=["text"]) if len(eval_dataset) else None
+        model = mntp_model_for(encoder)
+        collator = mntp_collator(tokenizer, args.mask_probability, args.mask_token, seed=training_args.seed)
+    else:
+        model = encoder
+        collator = ContrastiveCollator(encoder, instruction=args.instruction)
+    if args.lora:
+        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+    trainer_class = Trainer if args.stage == "mntp" else ContrastiveTrainer
+    extra = {} if args.stage == "mntp" else {"scale": args.scale}
+    trainer = trainer_class(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=collator, **extra,
+    )
+    resume_from = last_complete_checkpoint(training_args.output_dir) if args.resume else None
+    trainer.train(resume_from_checkpoint=resume_from)
+    if args.lora and args.merge_lora:
+        model = model.merge_and_unload()
+    if args.stage != "mntp" and args.lora and not args.merge_lora:
+        encoder = model  # keep the adapter model: save_pretrained writes adapter weights only
+    final = None
+    if trainer.is_world_process_zero():
+        final = save_atomically(encoder, training_args.output_dir)
+        print(f"saved the trained encoder to {final}")
+    return final
+
+
+if __name__ == "__main__":
+    main()
