@@ -1,0 +1,23 @@
+"""Retrieval evaluation: metrics with explicit ground truth and explicit duplicate-text rules."""
+
+from .metrics import (
+    DUPLICATE_RULES,
+    DuplicateResolution,
+    first_relevant_ranks,
+    metrics_from_ranks,
+    normalize_report_text,
+    ranking_metrics,
+    relevant_with_duplicates,
+    retrieval_metrics,
+)
+
+__all__ = [
+    "DUPLICATE_RULES",
+    "DuplicateResolution",
+    "first_relevant_ranks",
+    "metrics_from_ranks",
+    "normalize_report_text",
+    "ranking_metrics",
+    "relevant_with_duplicates",
+    "retrieval_metrics",
+]

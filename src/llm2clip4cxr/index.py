@@ -1,0 +1,517 @@
+"""A FAISS vector index over embeddings, with string ids, JSON metadata and a float16 vector store.
+
+Choosing `kind` (the recall / speed / memory trade-off):
+
+- "flat" (`IndexFlatIP`): exact search; every query scans all N vectors, O(N * dim). Recall is 1 by
+  definition. No build cost beyond a copy. Right for evaluation and for up to about 1M vectors.
+- "hnsw" (`IndexHNSWFlat`, inner product): a navigable graph, search cost roughly
+  O(ef_search * hnsw_m * dim * log N). `ef_search` is the search-time knob: higher means better
+  recall and slower queries. `hnsw_m` (links per vector) raises recall at a given `ef_search` at the
+  cost of memory (about hnsw_m * 8 bytes per vector on top of the float32 vectors) and build time;
+  `ef_construction` raises graph quality and build time. Build is the slow part (minutes per million
+  512-d vectors on a few cores); vectors cannot be removed.
+- "ivf" (`IndexIVFFlat`, inner product): k-means into `nlist` cells; a query scans the `nprobe`
+  nearest cells, about nprobe / nlist of the data. Recall rises with `nprobe`. Needs training (done
+  on the first `add`, or by an explicit `train()`); builds much faster than HNSW.
+
+Approximate search pays off when the embeddings have structure (real text and image embeddings do).
+On uniformly random high-dimensional vectors the true neighbours are barely closer than everything
+else, and no approximate index reaches high recall much faster than "flat"; `benchmarks/index.py`
+measures both cases.
+
+Vectors are L2-normalised by default, so scores are cosine similarities. FAISS keeps its own float32
+copy; the vectors as indexed are also kept as float16 (in memory until `save()`, then as a read-only
+memory-mapped `.npy` file), so the index can be retrained or inspected without re-encoding. A
+`np.memmap` passed to `add()` is read in chunks and referenced rather than copied until `save()`, so
+10M x 512 vectors need not be held in RAM twice.
+"""
+
+import json
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+INDEX_KINDS = ("flat", "hnsw", "ivf")
+
+CONFIG_NAME = "index_config.json"
+_FILE_TEMPLATES = {"faiss": "index.{token}.faiss", "vectors": "vectors.{token}.npy", "metadata": "metadata.{token}.jsonl"}
+# Data files of any save, and the temp files (".<name>.<32 hex>.tmp") a crashed save may leave behind.
+_DATA_FILE = r"(index\.[0-9a-f]{12}\.faiss|vectors\.[0-9a-f]{12}\.npy|metadata\.[0-9a-f]{12}\.jsonl)"
+_SAVED_FILE = re.compile(rf"^({_DATA_FILE}|\.({_DATA_FILE}|index_config\.json)\.[0-9a-f]{{32}}\.tmp)$")
+_FORMAT_VERSION = 1
+
+# Rows converted to float32 at a time when adding or saving: 64k x 512 x 4 B = 128 MiB.
+_CHUNK_ROWS = 65536
+# k-means gains nothing from more than 256 points per centroid (FAISS subsamples beyond that anyway).
+_MAX_TRAIN_POINTS_PER_LIST = 256
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError(
+            'EmbeddingIndex needs FAISS; install it with `pip install "llm2clip4cxr[index]"` (faiss-cpu).'
+        ) from error
+    return faiss
+
+
+class EmbeddingIndex:
+    """Search embeddings by inner product (cosine by default), returning string ids and metadata.
+
+    Args:
+        dim: vector dimension.
+        kind: "flat" (exact), "hnsw" or "ivf" (approximate); see the module docstring for the trade-off.
+        normalize: L2-normalise added vectors and queries (cosine similarity). With False, raw inner
+            products are used and vectors must fit float16 (|x| <= 65504) for the vector store.
+        hnsw_m: HNSW links per vector (FAISS `M`).
+        ef_construction: HNSW build-time beam width (FAISS `efConstruction`).
+        ef_search: HNSW search-time beam width (FAISS `efSearch`); can be changed after building.
+        nlist: IVF cell count; the first `add` (or `train`) needs at least this many vectors.
+        nprobe: IVF cells scanned per query; can be changed after building.
+
+    Example::
+
+        index = EmbeddingIndex(dim=512, kind="hnsw")
+        index.add(report_embeddings, ids=report_ids, metadata=[{"split": "test"}] * len(report_ids))
+        best_id, score, metadata = index.search(query_embeddings, k=10)[0][0]  # best hit of query 0
+        index.save("reports.index")
+        index = EmbeddingIndex.load("reports.index")
+    """
+
+    config_keys = ("dim", "kind", "normalize", "hnsw_m", "ef_construction", "ef_search", "nlist", "nprobe")
+
+    def __init__(
+        self,
+        dim: int,
+        kind: str = "flat",
+        normalize: bool = True,
+        hnsw_m: int = 32,
+        ef_construction: int = 80,
+        ef_search: int = 64,
+        nlist: int = 1024,
+        nprobe: int = 16,
+    ) -> None:
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"`kind` must be one of {INDEX_KINDS}, got {kind!r}.")
+        for name, value in (
+            ("dim", dim), ("hnsw_m", hnsw_m), ("ef_construction", ef_construction),
+            ("ef_search", ef_search), ("nlist", nlist), ("nprobe", nprobe),
+        ):
+            _check_positive_int(name, value)
+        self.dim = int(dim)
+        self.kind = kind
+        self.normalize = bool(normalize)
+        self.hnsw_m = int(hnsw_m)
+        self.ef_construction = int(ef_construction)
+        self._ef_search = int(ef_search)
+        self.nlist = int(nlist)
+        self._nprobe = int(nprobe)
+        self._faiss = _import_faiss()
+        self._index = self._new_faiss_index()
+        self._ids: list[str] = []
+        self._positions: dict[str, int] = {}
+        self._metadata: list[dict | None] = []
+        # Float16 vector store: (array, prepared) segments. prepared=False marks a caller's np.memmap
+        # that is referenced as-is and converted (normalised, float16) whenever it is read.
+        self._segments: list[tuple[np.ndarray, bool]] = []
+
+    # ------------------------------------------------------------------ properties
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, id_: object) -> bool:
+        return id_ in self._positions
+
+    def __repr__(self) -> str:
+        return f"EmbeddingIndex(dim={self.dim}, kind={self.kind!r}, size={len(self)}, normalize={self.normalize})"
+
+    @property
+    def ids(self) -> list[str]:
+        """Ids in insertion order (a copy); position i is what `search_raw` returns as i."""
+        return list(self._ids)
+
+    @property
+    def is_trained(self) -> bool:
+        """False only for an "ivf" index that has not seen `train()` or a first `add()` yet."""
+        return bool(self._index.is_trained)
+
+    @property
+    def ef_search(self) -> int:
+        """HNSW search beam width: raise for recall, lower for speed. Takes effect on the next search."""
+        return self._ef_search
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        _check_positive_int("ef_search", value)
+        self._ef_search = int(value)
+        if self.kind == "hnsw":
+            self._index.hnsw.efSearch = self._ef_search
+
+    @property
+    def nprobe(self) -> int:
+        """IVF cells scanned per query: raise for recall, lower for speed. Takes effect on the next search."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        _check_positive_int("nprobe", value)
+        self._nprobe = int(value)
+        if self.kind == "ivf":
+            self._index.nprobe = self._nprobe
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """The constructor arguments, as saved in `index_config.json`."""
+        return {key: getattr(self, key) for key in self.config_keys}
+
+    # ------------------------------------------------------------------ building
+
+    def add(self, vectors, ids: Sequence[str], metadata: Sequence[dict] | None = None) -> None:
+        """Append vectors with their string ids and optional JSON-serialisable metadata dicts.
+
+        Can be called repeatedly. Inputs are checked in full before anything is added, so a failed
+        call leaves the index unchanged. Large inputs (e.g. a `np.memmap` of 10M rows) are processed
+        in chunks of 64k rows; a `np.memmap` is referenced, not copied, until `save()`.
+
+        Raises:
+            ValueError: wrong shape or dimension, a repeated id (within `ids` or already indexed),
+                mismatched lengths, non-finite or zero vectors (with normalisation), metadata that is
+                not a JSON-serialisable dict, or a first "ivf" add with fewer than `nlist` vectors.
+            TypeError: an id that is not a string.
+        """
+        vectors = self._check_matrix(vectors, "vectors")
+        ids = list(ids)
+        if len(ids) != len(vectors):
+            raise ValueError(f"Got {len(vectors)} vectors but {len(ids)} ids; pass one id per vector.")
+        self._check_new_ids(ids)
+        metadata = self._check_metadata(metadata, len(ids))
+        if not len(ids):
+            return
+        for start, chunk in _chunks(vectors):  # validate everything first: FAISS cannot undo a partial add
+            self._prepare(chunk, "vectors", row_offset=start)
+        if not self._index.is_trained:
+            self._train_faiss(self._index, _training_sample(vectors, self.nlist))
+
+        referenced = isinstance(vectors, np.memmap)
+        stored = None if referenced else np.empty(vectors.shape, dtype=np.float16)
+        for start, chunk in _chunks(vectors):
+            prepared = self._prepare(chunk)
+            self._index.add(prepared)
+            if stored is not None:
+                stored[start : start + len(prepared)] = prepared
+        self._segments.append((vectors, False) if referenced else (stored, True))
+        for id_ in ids:
+            self._positions[id_] = len(self._ids)
+            self._ids.append(id_)
+        self._metadata.extend(metadata)
+
+    def train(self, vectors=None) -> None:
+        """Train an "ivf" index: on `vectors` if given, else on a sample of the stored vectors.
+
+        If the index already holds vectors, it is rebuilt: trained afresh, then the stored vectors are
+        re-added in chunks (ids and metadata are kept). They come from the float16 store, so scores may
+        change in the fourth decimal and near-ties may swap. "flat" and "hnsw" need no training; for
+        them this is a no-op.
+        """
+        if self.kind != "ivf":
+            return
+        if vectors is None:
+            if not len(self):
+                raise ValueError('Nothing to train on: pass `vectors` to train(), or add() vectors first.')
+            sample = self.get_vectors(positions=_sample_positions(len(self), self.nlist)).astype(np.float32)
+        else:
+            sample = _training_sample(self._check_matrix(vectors, "vectors"), self.nlist)
+        index = self._new_faiss_index()
+        self._train_faiss(index, sample)
+        for chunk in self._iter_store_chunks():
+            index.add(chunk.astype(np.float32))
+        self._index = index
+
+    # ------------------------------------------------------------------ searching
+
+    def search_raw(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k as arrays: `(scores, positions)`, both `(num_queries, k)`, best first.
+
+        `positions` index `self.ids`; where fewer than k vectors are found, the position is -1 and the
+        score -inf.
+        """
+        _check_positive_int("k", k)
+        if not len(self):
+            raise ValueError("The index is empty; add() vectors before searching.")
+        queries = self._check_matrix(queries, "queries")
+        scores, positions = self._index.search(self._prepare(queries, "queries"), int(k))
+        scores[positions < 0] = -np.inf
+        return scores, positions
+
+    def search(self, queries, k: int) -> list[list[tuple[str, float, dict]]]:
+        """Top-k hits per query as `(id, score, metadata)` tuples, best first.
+
+        `queries` is `(num_queries, dim)` (a single `(dim,)` vector is treated as one query). A query
+        gets fewer than k hits when the index holds fewer than k vectors. Metadata dicts are copies.
+        """
+        scores, positions = self.search_raw(queries, k)
+        results = []
+        for row_scores, row_positions in zip(scores.tolist(), positions.tolist()):
+            results.append(
+                [
+                    (self._ids[position], score, dict(self._metadata[position] or {}))
+                    for score, position in zip(row_scores, row_positions)
+                    if position >= 0
+                ]
+            )
+        return results
+
+    def get_vectors(self, ids: Sequence[str] | None = None, positions=None) -> np.ndarray:
+        """Stored float16 vectors (normalised if `normalize`), by id or position, or all of them.
+
+        All of them after `save()`/`load()` is a read-only memory map (no copy); otherwise a copy.
+        """
+        if ids is not None and positions is not None:
+            raise ValueError("Pass `ids` or `positions` to get_vectors(), not both.")
+        if ids is not None:
+            missing = [id_ for id_ in ids if id_ not in self._positions]
+            if missing:
+                raise KeyError(f"Ids not in the index: {missing[:5]}.")
+            positions = [self._positions[id_] for id_ in ids]
+        if positions is None:
+            if len(self._segments) == 1 and self._segments[0][1]:
+                return self._segments[0][0]
+            return np.concatenate([*self._iter_store_chunks(), np.empty((0, self.dim), np.float16)])
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty((len(positions), self.dim), dtype=np.float16)
+        start = 0
+        for array, prepared in self._segments:
+            selected = np.flatnonzero((positions >= start) & (positions < start + len(array)))
+            if selected.size:
+                rows = array[positions[selected] - start]
+                out[selected] = rows if prepared else self._prepare(rows).astype(np.float16)
+            start += len(array)
+        return out
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the index to `directory` so that a crash never leaves a half-written index behind.
+
+        Every save writes a fresh set of files named with a random token, each through a temp file
+        and `os.replace`: `index.<token>.faiss` (the FAISS index), `vectors.<token>.npy` (float16
+        vectors, filled in chunks through `np.lib.format.open_memmap`) and `metadata.<token>.jsonl`
+        (one `{"id", "metadata"}` object per vector, in order). Then `index_config.json`, which names
+        the token, is replaced: that rename is the commit point, so `load` sees either the old index or
+        the new one. Files of earlier saves are deleted last. Afterwards the in-memory vector store is
+        swapped for a memory map of the saved vectors, which releases its RAM.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex[:12]
+        files = {role: template.format(token=token) for role, template in _FILE_TEMPLATES.items()}
+        faiss = self._faiss
+        _atomic_write(directory / files["faiss"], lambda path: faiss.write_index(self._index, str(path)))
+        _atomic_write(directory / files["vectors"], self._write_vectors)
+        _atomic_write(directory / files["metadata"], self._write_metadata)
+        config = {"format_version": _FORMAT_VERSION, "size": len(self), "files": files, "config": self.get_config_dict()}
+        _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+        for stale in directory.iterdir():
+            if _SAVED_FILE.match(stale.name) and stale.name not in files.values():
+                try:  # an index loaded from the old files keeps its memory map; POSIX allows the unlink
+                    stale.unlink()
+                except OSError:
+                    pass
+        if len(self):
+            self._segments = [(np.load(directory / files["vectors"], mmap_mode="r"), True)]
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "EmbeddingIndex":
+        """Load an index written by `save()`; vectors are memory-mapped, the FAISS index is read into RAM.
+
+        Raises:
+            FileNotFoundError: `directory` has no `index_config.json`.
+            ValueError: the files disagree with each other, or the format version is unknown.
+        """
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}; is it a directory written by EmbeddingIndex.save()?")
+        saved = json.loads(config_path.read_text())
+        if saved.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(
+                f"{config_path} has format_version {saved.get('format_version')!r}; this version reads {_FORMAT_VERSION}."
+            )
+        index = cls(**saved["config"])
+        size, files = int(saved["size"]), saved["files"]
+
+        def inconsistent(what: str) -> ValueError:
+            return ValueError(f"{directory} is inconsistent: {what}, but {CONFIG_NAME} says {size} vectors.")
+
+        index._index = index._faiss.read_index(str(directory / files["faiss"]))
+        if index._index.ntotal != size or index._index.d != index.dim:
+            raise inconsistent(f"{files['faiss']} holds {index._index.ntotal} vectors of dim {index._index.d}")
+        # Search settings are re-applied from the config rather than trusted from the FAISS file.
+        index.ef_search = index.ef_search
+        index.nprobe = index.nprobe
+        if size:
+            vectors = np.load(directory / files["vectors"], mmap_mode="r")
+            if vectors.shape != (size, index.dim) or vectors.dtype != np.float16:
+                raise inconsistent(f"{files['vectors']} is {vectors.dtype} of shape {vectors.shape}")
+            index._segments = [(vectors, True)]
+        with (directory / files["metadata"]).open(encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle]
+        if len(records) != size:
+            raise inconsistent(f"{files['metadata']} has {len(records)} lines")
+        index._ids = [record["id"] for record in records]
+        index._metadata = [record.get("metadata") for record in records]
+        index._positions = {id_: position for position, id_ in enumerate(index._ids)}
+        if len(index._positions) != size:
+            raise inconsistent(f"{files['metadata']} repeats ids")
+        return index
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_faiss_index(self):
+        faiss = self._faiss
+        if self.kind == "flat":
+            return faiss.IndexFlatIP(self.dim)
+        if self.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = self.ef_construction
+            index.hnsw.efSearch = self._ef_search
+            return index
+        # FAISS's Python wrapper keeps the quantizer alive as long as the IVF index.
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = self._nprobe
+        # Unit vectors: spherical k-means keeps centroids on the sphere, so cells match cosine neighbourhoods.
+        index.cp.spherical = self.normalize
+        return index
+
+    def _train_faiss(self, index, sample: np.ndarray) -> None:
+        """Train `index` on raw (not yet normalised) sample rows."""
+        if len(sample) < self.nlist:
+            raise ValueError(
+                f"An 'ivf' index with nlist={self.nlist} needs at least {self.nlist} training vectors "
+                f"(ideally 30-256 per cell), got {len(sample)}. Add more vectors at once, call train() "
+                "with a larger sample, or lower `nlist`."
+            )
+        index.train(np.concatenate([self._prepare(chunk, "vectors", start) for start, chunk in _chunks(sample)]))
+
+    def _check_matrix(self, array, name: str) -> np.ndarray:
+        if not isinstance(array, np.ndarray):
+            array = np.asarray(array)
+        if array.ndim == 1:
+            array = array[None, :]
+        if array.ndim != 2 or array.shape[1] != self.dim:
+            raise ValueError(f"`{name}` must have shape (n, {self.dim}) for this index, got {array.shape}.")
+        if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"`{name}` must be numeric, got dtype {array.dtype}.")
+        return array
+
+    def _prepare(self, chunk: np.ndarray, name: str = "vectors", row_offset: int = 0) -> np.ndarray:
+        """Float32, C-contiguous, finite and (if `normalize`) unit-norm rows; raises on bad rows."""
+        chunk = np.array(chunk, dtype=np.float32, order="C", copy=True)
+        bad = ~np.isfinite(chunk).all(axis=1)
+        if bad.any():
+            raise ValueError(f"`{name}` row {row_offset + int(np.flatnonzero(bad)[0])} has NaN or inf values.")
+        if self.normalize:
+            norms = np.linalg.norm(chunk, axis=1, keepdims=True)
+            zero = np.flatnonzero(norms[:, 0] == 0)
+            if zero.size:
+                raise ValueError(f"`{name}` row {row_offset + int(zero[0])} is all zeros and cannot be normalised.")
+            chunk /= norms
+        elif name == "vectors" and chunk.size and float(np.abs(chunk).max()) > _FLOAT16_MAX:
+            raise ValueError(
+                f"With normalize=False, vectors must fit float16 (|x| <= {_FLOAT16_MAX:g}) for the vector store; "
+                f"got a value of magnitude {float(np.abs(chunk).max()):g}. Rescale them or use normalize=True."
+            )
+        return chunk
+
+    def _check_new_ids(self, ids: list) -> None:
+        not_str = next((id_ for id_ in ids if not isinstance(id_, str)), None)
+        if not_str is not None:
+            raise TypeError(f"Ids must be strings, got {not_str!r} of type {type(not_str).__name__}.")
+        if len(set(ids)) != len(ids):
+            repeated = next(id_ for id_, count in Counter(ids).items() if count > 1)
+            raise ValueError(f"Id {repeated!r} appears more than once in this add(); ids must be unique.")
+        existing = next((id_ for id_ in ids if id_ in self._positions), None)
+        if existing is not None:
+            raise ValueError(f"Id {existing!r} is already in the index; ids must be unique across add() calls.")
+
+    @staticmethod
+    def _check_metadata(metadata: Sequence[dict] | None, count: int) -> list[dict | None]:
+        if metadata is None:
+            return [None] * count
+        metadata = list(metadata)
+        if len(metadata) != count:
+            raise ValueError(f"Got {len(metadata)} metadata entries for {count} ids; pass one dict per id (or None).")
+        for i, entry in enumerate(metadata):
+            if not isinstance(entry, dict):
+                raise ValueError(f"metadata[{i}] must be a dict, got {type(entry).__name__}.")
+            try:
+                json.dumps(entry)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"metadata[{i}] is not JSON-serialisable ({error}); it is saved as JSON lines.") from error
+        return metadata
+
+    def _iter_store_chunks(self) -> Iterator[np.ndarray]:
+        for array, prepared in self._segments:
+            for _, chunk in _chunks(array):
+                yield np.asarray(chunk) if prepared else self._prepare(chunk).astype(np.float16)
+
+    def _write_vectors(self, path: Path) -> None:
+        if not len(self):  # older numpy cannot memory-map a zero-size array
+            with path.open("wb") as handle:
+                np.save(handle, np.empty((0, self.dim), dtype=np.float16))
+            return
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(self), self.dim))
+        start = 0
+        for chunk in self._iter_store_chunks():
+            out[start : start + len(chunk)] = chunk
+            start += len(chunk)
+        out.flush()
+        del out
+
+    def _write_metadata(self, path: Path) -> None:
+        with path.open("w", encoding="utf-8") as handle:
+            for id_, metadata in zip(self._ids, self._metadata):
+                handle.write(json.dumps({"id": id_, "metadata": metadata}, ensure_ascii=False) + "\n")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def _chunks(array: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(0, len(array), _CHUNK_ROWS):
+        yield start, array[start : start + _CHUNK_ROWS]
+
+
+def _sample_positions(size: int, nlist: int) -> np.ndarray:
+    """Sorted row positions for k-means (sorted so a memmap is read front to back)."""
+    limit = nlist * _MAX_TRAIN_POINTS_PER_LIST
+    if size <= limit:
+        return np.arange(size)
+    return np.sort(np.random.default_rng(0).choice(size, size=limit, replace=False))
+
+
+def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
+    return np.asarray(vectors[_sample_positions(len(vectors), nlist)], dtype=np.float32)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a temp file in the same folder, fsync it, then rename it over `path`."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(temp)
+        with temp.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
