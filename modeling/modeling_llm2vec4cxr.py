@@ -18,7 +18,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import cached_file, logging
 
-from .configuration_llm2vec4cxr import LLM2Vec4CXRConfig
+from .configuration_llm2vec4cxr import DEFAULT_INSTRUCTION_SEPARATOR, LLM2Vec4CXRConfig
 
 logger = logging.get_logger(__name__)
 
@@ -91,6 +91,138 @@ def last_token(hidden_states: torch.Tensor, pool_mask: torch.Tensor) -> torch.Te
     positions = torch.arange(pool_mask.shape[1], device=pool_mask.device)
     last = (pool_mask.to(torch.long) * positions).argmax(dim=1)  # (B,)
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+
+
+# ---------------------------------------------------------------------- tokenization
+# Module-level so that LLM2CLIP4CXRProcessor tokenizes exactly as the encoder does, without a model.
+
+
+def prepare_report_tokenizer(tokenizer, instruction_separator: str = DEFAULT_INSTRUCTION_SEPARATOR):
+    """Check that `tokenizer` can tokenize for LLM2Vec4CXR and give it a pad token (its eos, as the published
+    model) when it has none. Returns the tokenizer."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"LLM2Vec4CXR needs a fast tokenizer (token offsets locate the report after the "
+            f"instruction), got {type(tokenizer).__name__}. Load it with use_fast=True."
+        )
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("The tokenizer has neither a pad nor an eos token: set `tokenizer.pad_token`.")
+        tokenizer.pad_token = tokenizer.eos_token
+    # Instruction-prefixed strings ("instruction" + sep + "report") are stored in datasets and
+    # prompts; a tokenizer whose normaliser alters the separator would hide that boundary.
+    ids = tokenizer(instruction_separator, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    if decoded.strip() != instruction_separator:
+        raise ValueError(
+            f"The instruction separator {instruction_separator!r} does not survive the tokenizer round trip "
+            f"(decoded as {decoded!r}). Choose an `instruction_separator` the tokenizer keeps verbatim."
+        )
+    return tokenizer
+
+
+def split_instruction(
+    texts: Sequence[str], instruction: str | None = None, instruction_separator: str = DEFAULT_INSTRUCTION_SEPARATOR
+) -> list[tuple[str, str]]:
+    """Split each text into (instruction, report). A text may carry its own instruction as
+    `"instruction" + instruction_separator + "report"`; otherwise `instruction` applies."""
+    separator = instruction_separator
+    if isinstance(texts, str):
+        raise TypeError("Pass a list of texts, not a single string.")
+    if instruction is not None and separator in instruction:
+        instruction = instruction.split(separator)[0] if instruction.endswith(separator) else instruction
+        if separator in instruction:
+            raise ValueError(f"`instruction` contains the separator {separator!r} in its middle: {instruction!r}.")
+    pairs = []
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"Text {index} is a {type(text).__name__}, expected str.")
+        text_instruction = instruction
+        if separator in text:
+            if instruction:
+                raise ValueError(
+                    f"Text {index} already carries an instruction (it contains {separator!r}) and "
+                    f"`instruction=` was given too; use one or the other."
+                )
+            text_instruction, text = text.split(separator, 1)
+        if not text.strip():
+            raise ValueError(f"Text {index} has an empty report: {texts[index]!r}. Remove it or give report text.")
+        pairs.append(((text_instruction or "").strip(), text))
+    return pairs
+
+
+def tokenize_reports(
+    tokenizer,
+    texts: Sequence[str],
+    instruction: str | None = None,
+    *,
+    instruction_separator: str = DEFAULT_INSTRUCTION_SEPARATOR,
+    max_seq_length: int = 512,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Tokenize reports as LLM2Vec4CXR expects them: `instruction.strip() + " " + report`, with `embed_mask`
+    covering only the report tokens. Reports longer than `max_seq_length` are cut at their end (the
+    instruction is always kept). `tokenizer` must have passed `prepare_report_tokenizer`.
+
+    Returns:
+        A dict of `input_ids`, `attention_mask`, `embed_mask` of shape `(len(texts), longest)`, padded on the
+        tokenizer's `padding_side`, and the number of truncated reports.
+    """
+    pairs = split_instruction(texts, instruction, instruction_separator)
+    full_texts, report_starts = [], []
+    for text_instruction, report in pairs:
+        prefix = f"{text_instruction} " if text_instruction else ""
+        full_texts.append(prefix + report)
+        report_starts.append(len(prefix))
+    encoded = tokenizer(
+        full_texts,
+        add_special_tokens=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    all_ids, all_embed, truncated = [], [], 0
+    for index, (ids, offsets, special, start) in enumerate(
+        zip(encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"], report_starts)
+    ):
+        embed, seen_content = [], False
+        for (_, end), is_special in zip(offsets, special):
+            # A special token belongs to the report only after it (an appended eos), never before.
+            is_content = seen_content if is_special else end > start
+            seen_content = seen_content or is_content
+            embed.append(int(is_content))
+        if len(ids) > max_seq_length:
+            truncated += 1
+            num_trailing_special = 0
+            while num_trailing_special < len(special) and special[len(special) - 1 - num_trailing_special]:
+                num_trailing_special += 1
+            keep = max_seq_length - num_trailing_special
+            ids = ids[:keep] + ids[len(ids) - num_trailing_special :]
+            embed = embed[:keep] + embed[len(embed) - num_trailing_special :]
+        if not any(embed):
+            raise ValueError(
+                f"Text {index}: the instruction alone fills max_seq_length={max_seq_length} tokens, leaving no "
+                f"room for the report. Shorten the instruction or raise `max_seq_length`."
+            )
+        all_ids.append(ids)
+        all_embed.append(embed)
+    return _pad_reports(tokenizer, all_ids, all_embed), truncated
+
+
+def _pad_reports(tokenizer, all_ids: list[list[int]], all_embed: list[list[int]]) -> dict[str, torch.Tensor]:
+    # Hand-padded: tokenizer.pad() does not know the extra `embed_mask` key.
+    longest = max(len(ids) for ids in all_ids)
+    pad_id = tokenizer.pad_token_id
+    left = tokenizer.padding_side == "left"
+    input_ids = torch.full((len(all_ids), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(all_ids), longest), dtype=torch.long)
+    embed_mask = torch.zeros((len(all_ids), longest), dtype=torch.long)
+    for row, (ids, embed) in enumerate(zip(all_ids, all_embed)):
+        span = slice(longest - len(ids), longest) if left else slice(0, len(ids))
+        input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, span] = 1
+        embed_mask[row, span] = torch.tensor(embed, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "embed_mask": embed_mask}
 
 
 class LLM2Vec4CXRPreTrainedModel(PreTrainedModel):
@@ -200,58 +332,14 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
 
     def set_tokenizer(self, tokenizer) -> None:
         """Attach a (fast) tokenizer; pads with eos when the tokenizer has no pad token, as the
-        published model does."""
+        published model does (see `prepare_report_tokenizer`)."""
         if tokenizer is not None:
-            if not getattr(tokenizer, "is_fast", False):
-                raise TypeError(
-                    f"LLM2Vec4CXR needs a fast tokenizer (token offsets locate the report after the "
-                    f"instruction), got {type(tokenizer).__name__}. Load it with use_fast=True."
-                )
-            if tokenizer.pad_token_id is None:
-                if tokenizer.eos_token_id is None:
-                    raise ValueError("The tokenizer has neither a pad nor an eos token: set `tokenizer.pad_token`.")
-                tokenizer.pad_token = tokenizer.eos_token
-            self._check_separator_round_trip(tokenizer)
+            prepare_report_tokenizer(tokenizer, self.config.instruction_separator)
         self.tokenizer = tokenizer
 
-    def _check_separator_round_trip(self, tokenizer) -> None:
-        # Instruction-prefixed strings ("instruction" + sep + "report") are stored in datasets and
-        # prompts; a tokenizer whose normaliser alters the separator would hide that boundary.
-        separator = self.config.instruction_separator
-        ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
-        decoded = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        if decoded.strip() != separator:
-            raise ValueError(
-                f"The instruction separator {separator!r} does not survive the tokenizer round trip "
-                f"(decoded as {decoded!r}). Choose an `instruction_separator` the tokenizer keeps verbatim."
-            )
-
     def split_instruction(self, texts: Sequence[str], instruction: str | None = None) -> list[tuple[str, str]]:
-        """Split each text into (instruction, report). A text may carry its own instruction as
-        `"instruction" + separator + "report"`; otherwise `instruction` applies."""
-        separator = self.config.instruction_separator
-        if isinstance(texts, str):
-            raise TypeError("Pass a list of texts, not a single string.")
-        if instruction is not None and separator in instruction:
-            instruction = instruction.split(separator)[0] if instruction.endswith(separator) else instruction
-            if separator in instruction:
-                raise ValueError(f"`instruction` contains the separator {separator!r} in its middle: {instruction!r}.")
-        pairs = []
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"Text {index} is a {type(text).__name__}, expected str.")
-            text_instruction = instruction
-            if separator in text:
-                if instruction:
-                    raise ValueError(
-                        f"Text {index} already carries an instruction (it contains {separator!r}) and "
-                        f"`instruction=` was given too; use one or the other."
-                    )
-                text_instruction, text = text.split(separator, 1)
-            if not text.strip():
-                raise ValueError(f"Text {index} has an empty report: {texts[index]!r}. Remove it or give report text.")
-            pairs.append(((text_instruction or "").strip(), text))
-        return pairs
+        """Split each text into (instruction, report) with this model's separator (see `split_instruction`)."""
+        return split_instruction(texts, instruction, self.config.instruction_separator)
 
     def tokenize(
         self,
@@ -271,65 +359,14 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
                 "This LLM2Vec4CXRModel has no tokenizer: load it from a checkpoint with tokenizer files or "
                 "call `model.set_tokenizer(AutoTokenizer.from_pretrained(...))`."
             )
-        pairs = self.split_instruction(texts, instruction)
-        full_texts, report_starts = [], []
-        for text_instruction, report in pairs:
-            prefix = f"{text_instruction} " if text_instruction else ""
-            full_texts.append(prefix + report)
-            report_starts.append(len(prefix))
-        encoded = self.tokenizer(
-            full_texts,
-            add_special_tokens=True,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-            return_attention_mask=False,
-            return_token_type_ids=False,
+        batch, truncated = tokenize_reports(
+            self.tokenizer,
+            texts,
+            instruction,
+            instruction_separator=self.config.instruction_separator,
+            max_seq_length=self.config.max_seq_length,
         )
-        max_length = self.config.max_seq_length
-        all_ids, all_embed, truncated = [], [], 0
-        for index, (ids, offsets, special, start) in enumerate(
-            zip(encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"], report_starts)
-        ):
-            embed, seen_content = [], False
-            for (_, end), is_special in zip(offsets, special):
-                # A special token belongs to the report only after it (an appended eos), never before.
-                is_content = seen_content if is_special else end > start
-                seen_content = seen_content or is_content
-                embed.append(int(is_content))
-            if len(ids) > max_length:
-                truncated += 1
-                num_trailing_special = 0
-                while num_trailing_special < len(special) and special[len(special) - 1 - num_trailing_special]:
-                    num_trailing_special += 1
-                keep = max_length - num_trailing_special
-                ids = ids[:keep] + ids[len(ids) - num_trailing_special :]
-                embed = embed[:keep] + embed[len(embed) - num_trailing_special :]
-            if not any(embed):
-                raise ValueError(
-                    f"Text {index}: the instruction alone fills max_seq_length={max_length} tokens, leaving no "
-                    f"room for the report. Shorten the instruction or raise `config.max_seq_length`."
-                )
-            all_ids.append(ids)
-            all_embed.append(embed)
-        batch = self._pad(all_ids, all_embed)
-        if return_truncated_count:
-            return batch, truncated
-        return batch
-
-    def _pad(self, all_ids: list[list[int]], all_embed: list[list[int]]) -> dict[str, torch.Tensor]:
-        # Hand-padded: tokenizer.pad() does not know the extra `embed_mask` key.
-        longest = max(len(ids) for ids in all_ids)
-        pad_id = self.tokenizer.pad_token_id
-        left = self.tokenizer.padding_side == "left"
-        input_ids = torch.full((len(all_ids), longest), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(all_ids), longest), dtype=torch.long)
-        embed_mask = torch.zeros((len(all_ids), longest), dtype=torch.long)
-        for row, (ids, embed) in enumerate(zip(all_ids, all_embed)):
-            span = slice(longest - len(ids), longest) if left else slice(0, len(ids))
-            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, span] = 1
-            embed_mask[row, span] = torch.tensor(embed, dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "embed_mask": embed_mask}
+        return (batch, truncated) if return_truncated_count else batch
 
     @torch.inference_mode()
     def encode(
@@ -557,4 +594,7 @@ __all__ = [
     "LLM2Vec4CXRModel",
     "LLM2Vec4CXRPreTrainedModel",
     "LLM2Vec4CXRSentenceEncoder",
+    "prepare_report_tokenizer",
+    "split_instruction",
+    "tokenize_reports",
 ]

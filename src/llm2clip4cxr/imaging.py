@@ -2,7 +2,8 @@
 
 `load_image(path)` turns any supported file into a float32 grayscale array in [0, 1] with bone bright,
 whatever the format or bit depth. `ImagePreprocessor` turns a batch of paths, PIL images or arrays into
-the (B, 3, size, size) tensor a CLIP-style vision tower expects (aspect kept, padded to square).
+the (B, 3, size, size) tensor a CLIP-style vision tower expects (aspect kept, padded to square), through
+the model's own `LLM2CLIP4CXRImageProcessor`.
 
 Pillow and pydicom are optional dependencies (`pip install "llm2clip4cxr[imaging]"`), imported only
 when an image is actually read, so `import llm2clip4cxr` works without them.
@@ -17,6 +18,9 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from .modeling.processing_llm2clip4cxr import RESAMPLE_MODES, LLM2CLIP4CXRImageProcessor
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -24,8 +28,10 @@ if TYPE_CHECKING:
 __all__ = ["CLIP_MEAN", "CLIP_STD", "ImageInput", "ImageLoadError", "ImagePreprocessor", "load_image"]
 
 # OpenAI CLIP's normalisation: the statistics CLIP-style vision towers expect by default.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = tuple(OPENAI_CLIP_MEAN)
+CLIP_STD = tuple(OPENAI_CLIP_STD)
+# ImagePreprocessor's resample names -> the PIL.Image.Resampling codes the image processor takes.
+_RESAMPLE_CODES = {mode: code for code, mode in RESAMPLE_MODES.items()}
 
 # ITU-R BT.601 luma, the weights Pillow's own convert("L") uses.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -265,12 +271,13 @@ class ImagePreprocessor:
     """Chest X-rays to normalised square model input: (B, 3, size, size) float32 tensors.
 
     Each image is loaded as grayscale in [0, 1] (`load_image` for paths; PIL images and arrays are scaled the
-    same way), its longer side resized to `size` keeping the aspect ratio, centred on a `size` x `size` canvas
-    of `pad_value`, repeated to 3 channels and normalised with `mean`/`std`. Stretching a CXR to a square would
-    distort heart and lung proportions, hence the padding.
+    same way), then handed to `LLM2CLIP4CXRImageProcessor`, the model's own image processor: longer side
+    resized to `size` keeping the aspect ratio, centred on a `size` x `size` canvas of `pad_value`, repeated
+    to 3 channels and normalised with `mean`/`std`. Stretching a CXR to a square would distort heart and lung
+    proportions, hence the padding.
 
-    The instance holds only plain Python values, so it pickles into DataLoader workers; it can be the
-    `collate_fn` itself, which moves decoding and resizing into the workers:
+    The instance holds plain Python values and that image processor, so it pickles into DataLoader workers;
+    it can be the `collate_fn` itself, which moves decoding and resizing into the workers:
     `DataLoader(paths, batch_size=32, num_workers=4, collate_fn=ImagePreprocessor())`.
 
     Args:
@@ -278,7 +285,7 @@ class ImagePreprocessor:
         mean: Per-channel mean subtracted after padding (CLIP's by default).
         std: Per-channel standard deviation divided by (CLIP's by default).
         pad_value: Intensity of the padding on the [0, 1] image scale, before normalisation (0 = black, like air).
-        resample: Resize filter, "bicubic" or "bilinear" (Pillow's, antialiased when shrinking).
+        resample: Resize filter, "bicubic" or "bilinear" (torch's, antialiased when shrinking).
 
     Example:
         >>> preprocessor = ImagePreprocessor(size=224)
@@ -286,7 +293,7 @@ class ImagePreprocessor:
     """
 
     config_keys = ("size", "mean", "std", "pad_value", "resample")
-    _RESAMPLE = ("bicubic", "bilinear")
+    _RESAMPLE = tuple(sorted(_RESAMPLE_CODES))
 
     def __init__(
         self,
@@ -312,6 +319,13 @@ class ImagePreprocessor:
         self.std = std
         self.pad_value = float(pad_value)
         self.resample = resample
+        self.image_processor = LLM2CLIP4CXRImageProcessor(
+            size=self.size,
+            resample=_RESAMPLE_CODES[resample],
+            image_mean=list(mean),
+            image_std=list(std),
+            pad_value=self.pad_value,
+        )
 
     def get_config_dict(self) -> dict[str, Any]:
         """Constructor arguments, so `ImagePreprocessor(**config)` rebuilds an identical preprocessor."""
@@ -323,27 +337,13 @@ class ImagePreprocessor:
 
     def resize_and_pad(self, image: np.ndarray) -> np.ndarray:
         """(H, W) float32 in [0, 1] -> (size, size) float32: longer side to `size`, centred on `pad_value`."""
-        Image = _import_optional("PIL.Image")
-        height, width = image.shape
-        scale = self.size / max(height, width)
-        new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-        filter_ = Image.Resampling.BICUBIC if self.resample == "bicubic" else Image.Resampling.BILINEAR
-        # Mode 'F' resizes in float: no 8-bit rounding of 16-bit or windowed DICOM intensities.
-        resized = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).resize(
-            (new_width, new_height), filter_
-        )
-        canvas = np.full((self.size, self.size), self.pad_value, dtype=np.float32)
-        top, left = (self.size - new_height) // 2, (self.size - new_width) // 2
-        # Bicubic overshoots at sharp edges; clip so the image stays on the [0, 1] scale.
-        np.clip(np.asarray(resized), 0.0, 1.0, out=canvas[top : top + new_height, left : left + new_width])
-        return canvas
+        image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        return self.image_processor.resize_and_pad(image[None])[0].numpy()
 
     def normalize(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, size, size) intensities in [0, 1] -> (B, 3, size, size) normalised float32, one vectorised op."""
+        """(B, size, size) intensities in [0, 1] -> (B, 3, size, size) normalised float32."""
         batch = torch.as_tensor(batch, dtype=torch.float32)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
-        return (batch.unsqueeze(1) - mean) / std  # (B, 1, S, S) broadcast to (B, 3, S, S)
+        return self.image_processor.normalize(batch.unsqueeze(1).expand(-1, 3, -1, -1))
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
         """Preprocess one image or a sequence of them (paths, PIL images, (H, W) or (H, W, 3) arrays, mixed).
@@ -358,5 +358,5 @@ class ImagePreprocessor:
             images = list(images) if hasattr(images, "__iter__") else [images]
         if len(images) == 0:
             raise ValueError("`images` is empty; pass at least one path, PIL image or array.")
-        squares = np.stack([self.resize_and_pad(_to_gray(image, f"images[{i}]")) for i, image in enumerate(images)])
-        return self.normalize(squares)
+        grays = [_to_gray(image, f"images[{i}]") for i, image in enumerate(images)]
+        return self.image_processor(grays)["pixel_values"]

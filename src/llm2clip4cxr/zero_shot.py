@@ -1,0 +1,94 @@
+"""Zero-shot chest X-ray classification with an LLM2CLIP4CXR model: label prompts against images.
+
+`zero_shot_classify` is the faithful path: prompts go through the processor like any report (the
+instruction is attended to and pooled out, and `embed_mask` leaves the leading special tokens out).
+
+transformers' `pipeline("zero-shot-image-classification")` also runs on an LLM2CLIP4CXR model, but
+only as `pipeline(..., model=model, tokenizer=processor.tokenizer,
+image_processor=processor.image_processor)`, and it is not equivalent:
+
+- `processor=processor` alone fails in transformers 5.x: `pipeline()` resolves the tokenizer from the
+  model's name before it looks at the processor, and a model object has no name ("Impossible to guess
+  which tokenizer to use").
+- The pipeline calls the bare tokenizer, not the processor: no instruction can be given (one written into
+  `hypothesis_template` would be pooled as report text), and without an `embed_mask` the text tower pools
+  every token, the tokenizer's leading `<s>` included.
+- It reads images with `transformers.image_utils.load_image`, i.e. as 8-bit RGB: DICOM files cannot be
+  read and 16-bit PNGs are clipped; `llm2clip4cxr.imaging.load_image` handles both.
+- It logs "The model 'LLM2CLIP4CXRModel' is not supported for zero-shot-image-classification": its check
+  only knows transformers' own models. The scores are still computed.
+
+Making the pipeline itself faithful would need a custom pipeline class (`pipeline_class=`), not a change
+to the model or the processor.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["zero_shot_classify"]
+
+
+@torch.inference_mode()
+def zero_shot_classify(
+    model,
+    processor,
+    images,
+    labels: Sequence[str],
+    templates: Sequence[str] = ("{}",),
+    instruction: str | None = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Probability of each label for each image, with prompt ensembling.
+
+    Each label is written into every template; the label's embedding is the mean of its L2-normalised
+    prompt embeddings, normalised again (CLIP's prompt ensembling). Images are scored against the labels
+    with the model's own (clamped) logit scale and a softmax over the labels.
+
+    Args:
+        model (`LLM2CLIP4CXRModel`): the model.
+        processor (`LLM2CLIP4CXRProcessor`): its processor.
+        images: one image or a list of images, in any form the processor accepts (PIL images, arrays
+            from `llm2clip4cxr.imaging.load_image`, tensors).
+        labels (`Sequence[str]`): class names, e.g. `["pleural effusion", "no acute findings"]`.
+        templates (`Sequence[str]`, defaults to `("{}",)`): prompt templates with one `{}` for the label,
+            e.g. `("There is {}.", "Findings suggest {}.")`.
+        instruction (`str`, *optional*): the text tower's instruction, prepended to every prompt.
+        batch_size (`int`, defaults to 32): images per forward pass of the vision tower.
+
+    Returns:
+        `torch.Tensor` of shape `(num_images, num_labels)`: float32 probabilities, each row summing to 1.
+    """
+    if isinstance(labels, str) or not labels:
+        raise ValueError(f"`labels` must be a non-empty list of class names, got {labels!r}.")
+    if isinstance(templates, str) or not templates:
+        raise ValueError(f"`templates` must be a non-empty list of templates, got {templates!r}.")
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"Each template must contain exactly one '{{}}' for the label, got {template!r}.")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    device = model.device
+
+    was_training = model.training
+    model.eval()
+    try:
+        prompts = [template.format(label) for label in labels for template in templates]
+        text_inputs = processor(text=prompts, instruction=instruction).to(device)
+        prompt_embeds = F.normalize(model.get_text_features(**text_inputs).pooler_output, dim=-1)
+        label_embeds = prompt_embeds.view(len(labels), len(templates), -1).mean(dim=1)  # (L, P)
+        label_embeds = F.normalize(label_embeds, dim=-1)
+
+        logit_scale = model.get_logit_scale()
+        probabilities = []
+        for start in range(0, len(images), batch_size):
+            pixel_values = processor(images=images[start : start + batch_size])["pixel_values"]
+            pixel_values = pixel_values.to(device=device, dtype=model.dtype)
+            image_embeds = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+            logits = logit_scale * image_embeds @ label_embeds.T  # (B, L)
+            probabilities.append(logits.softmax(dim=-1).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(probabilities)
