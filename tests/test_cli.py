@@ -25,14 +25,18 @@ def test_similarity_json_matches_the_model(make_encoder, tmp_path):
     assert payload["reports"] == REPORTS
 
 
-def test_similarity_without_model_warns_and_writes_output(tmp_path):
+def test_similarity_uses_the_default_model_and_writes_output(tmp_path):
+    from llm2clip4cxr.defaults import load_default_text_encoder
+
     (tmp_path / "reports.txt").write_text("\n".join(REPORTS[1:]) + "\n")
     result = run_cli("similarity", REPORTS[0], "--file", str(tmp_path / "reports.txt"), "--output", str(tmp_path / "out.txt"))
     assert result.returncode == 0, result.stderr
-    assert "UNTRAINED" in result.stderr
     table = (tmp_path / "out.txt").read_text()
     assert all(report in table for report in REPORTS)
-    assert table.count("1.000") == 3  # the diagonal
+    embeddings = F.normalize(load_default_text_encoder().encode(REPORTS), dim=-1)
+    expected = embeddings @ embeddings.T
+    printed = [[float(value) for value in line.split()[1:]] for line in table.splitlines()[-len(REPORTS):]]
+    torch.testing.assert_close(torch.tensor(printed), expected, rtol=0, atol=6e-4)  # printed with 3 decimals
 
 
 def test_bad_input_exits_non_zero_with_a_message(tmp_path):

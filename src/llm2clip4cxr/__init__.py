@@ -7,6 +7,8 @@ checkpoints load with `AutoModel.from_pretrained(path)` without `trust_remote_co
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
+from .defaults import default_model_path, load_default_text_encoder
+
 from .modeling.configuration_llm2clip4cxr import LLM2CLIP4CXRConfig
 from .modeling.configuration_llm2vec4cxr import LLM2Vec4CXRConfig
 from .modeling.modeling_llm2clip4cxr import LLM2CLIP4CXRModel
@@ -43,4 +45,6 @@ __all__ = [
     "LLM2Vec4CXRModel",
     "LLM2Vec4CXRPreTrainedModel",
     "LLM2Vec4CXRSentenceEncoder",
+    "default_model_path",
+    "load_default_text_encoder",
 ]

@@ -9,27 +9,18 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def _load_text_encoder(model_path: str | None):
+    """The checkpoint at `model_path`, else the default encoder shipped in the package."""
     import transformers
 
     from . import LLM2Vec4CXRModel
+    from .defaults import load_default_text_encoder
 
     transformers.logging.set_verbosity_error()
-    if model_path is not None:
-        if not Path(model_path).is_dir():
-            raise FileNotFoundError(f"--model {model_path}: no such directory (give a saved LLM2Vec4CXR checkpoint).")
-        return LLM2Vec4CXRModel.from_pretrained(model_path)
-    # No trained default encoder ships yet: build a small untrained one on the fly, and say so.
-    from .data import openi_report_texts
-    from .factory import build_text_encoder
-    from .tokenization import train_report_tokenizer
-
-    print(
-        "warning: no --model given and no trained default model is installed; using a small UNTRAINED "
-        "encoder built on the fly from the Open-I report vocabulary (scores show the pipeline, not clinical similarity).",
-        file=sys.stderr,
-    )
-    transformers.set_seed(0)
-    return build_text_encoder(train_report_tokenizer(openi_report_texts(), vocab_size=4096)).eval()
+    if model_path is None:
+        return load_default_text_encoder()
+    if not Path(model_path).is_dir():
+        raise FileNotFoundError(f"--model {model_path}: no such directory (give a saved LLM2Vec4CXR checkpoint).")
+    return LLM2Vec4CXRModel.from_pretrained(model_path).eval()
 
 
 def _similarity(args) -> int:
@@ -70,8 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     similarity.add_argument("reports", nargs="*", help="report texts")
     similarity.add_argument("--file", help="a text file with one report per line (added after the arguments)")
-    similarity.add_argument("--model", help="a saved LLM2Vec4CXR checkpoint directory")
-    similarity.add_argument("--instruction", default=None, help="instruction prepended to every report and pooled out")
+    similarity.add_argument("--model", help="a saved LLM2Vec4CXR checkpoint directory (default: the shipped LLM2Vec4CXR-tiny)")
+    similarity.add_argument(
+        "--instruction", default=None, help="instruction prepended to every report and pooled out (default: none)"
+    )
     similarity.add_argument("--batch-size", type=int, default=32)
     similarity.add_argument("--json", action="store_true", help="print JSON for machines")
     similarity.add_argument("--output", help="write the result to this file instead of stdout")

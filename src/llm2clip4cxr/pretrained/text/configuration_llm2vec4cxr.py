@@ -1,0 +1,136 @@
+"""Configuration of LLM2Vec4CXR, a decoder LLM turned into a bidirectional chest X-ray report encoder.
+
+This file is shipped inside every saved checkpoint as Hub remote code: it imports only torch,
+transformers and its sibling files.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+POOLING_MODES = ("mean", "eos", "weighted_mean", "latent_attention")
+# "last_token" is the name sentence-transformers and LLM2Vec also use for "eos" pooling.
+POOLING_MODE_ALIASES = {"last_token": "eos", "lasttoken": "eos"}
+# Decoder families whose transformers implementation reads `config.is_causal` when building the
+# attention mask, so that setting it to False really gives bidirectional attention (checked per
+# family in tests/test_modeling_llm2vec4cxr.py).
+SUPPORTED_BACKBONES = ("llama", "mistral", "qwen2", "qwen3")
+# The separator of the published LLM2Vec4CXR: "instruction!@#$%^&*()report". The model never sees it.
+DEFAULT_INSTRUCTION_SEPARATOR = "!@#$%^&*()"
+
+
+class LLM2Vec4CXRConfig(PreTrainedConfig):
+    r"""
+    Configuration of an [`LLM2Vec4CXRModel`]: a decoder backbone run with bidirectional attention,
+    followed by a pooling head that turns the report's token states into one vector.
+
+    Args:
+        backbone_config (`PreTrainedConfig` or `dict`, *optional*):
+            Configuration of the decoder backbone (one of `SUPPORTED_BACKBONES`). A dict must carry
+            `model_type`. Defaults to a Llama configuration. Its `is_causal` is set from `bidirectional`.
+        pooling_mode (`str`, *optional*, defaults to `"mean"`):
+            One of `"mean"`, `"eos"` (alias `"last_token"`), `"weighted_mean"`, `"latent_attention"`.
+        num_latents (`int`, *optional*, defaults to 512):
+            Size of the learned latent array of latent-attention pooling.
+        latent_attention_heads (`int`, *optional*, defaults to 8):
+            Heads of the latent-attention layer; must divide the backbone hidden size.
+        latent_mlp_dim (`int`, *optional*):
+            Inner size of the Linear-GELU-Linear after latent attention. Defaults to the hidden size.
+        instruction_separator (`str`, *optional*, defaults to `"!@#$%^&*()"`):
+            Marks where an instruction ends in `"instruction" + separator + "report"` inputs.
+        max_seq_length (`int`, *optional*, defaults to 512):
+            Longest tokenized input (instruction included); longer reports are cut at their end.
+        normalize_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether `pooler_output` is L2-normalised.
+        bidirectional (`bool`, *optional*, defaults to `True`):
+            Whether the backbone attends in both directions. Persisted as `backbone_config.is_causal`.
+        instructions (`dict[str, str]`, *optional*):
+            Named instructions, saved as sentence-transformers prompts.
+    """
+
+    model_type = "llm2vec4cxr"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    def __init__(
+        self,
+        backbone_config=None,
+        pooling_mode: str = "mean",
+        num_latents: int = 512,
+        latent_attention_heads: int = 8,
+        latent_mlp_dim: int | None = None,
+        instruction_separator: str = DEFAULT_INSTRUCTION_SEPARATOR,
+        max_seq_length: int = 512,
+        normalize_embeddings: bool = False,
+        bidirectional: bool = True,
+        instructions: dict | None = None,
+        **kwargs,
+    ):
+        self.backbone_config = self._build_backbone_config(backbone_config)
+        pooling_mode = POOLING_MODE_ALIASES.get(pooling_mode, pooling_mode)
+        if pooling_mode not in POOLING_MODES:
+            raise ValueError(f"`pooling_mode` must be one of {POOLING_MODES}, got {pooling_mode!r}.")
+        self.pooling_mode = pooling_mode
+        hidden_size = self.backbone_config.hidden_size
+        if pooling_mode == "latent_attention":
+            if num_latents < 1:
+                raise ValueError(f"`num_latents` must be positive, got {num_latents}.")
+            if latent_attention_heads < 1 or hidden_size % latent_attention_heads != 0:
+                raise ValueError(
+                    f"`latent_attention_heads` must divide the backbone hidden size {hidden_size}, "
+                    f"got {latent_attention_heads}."
+                )
+        self.num_latents = num_latents
+        self.latent_attention_heads = latent_attention_heads
+        self.latent_mlp_dim = latent_mlp_dim if latent_mlp_dim is not None else hidden_size
+        if not isinstance(instruction_separator, str) or not instruction_separator.strip():
+            raise ValueError(
+                f"`instruction_separator` must be a non-blank string, got {instruction_separator!r}."
+            )
+        self.instruction_separator = instruction_separator
+        if max_seq_length < 2:
+            raise ValueError(f"`max_seq_length` must be at least 2, got {max_seq_length}.")
+        self.max_seq_length = max_seq_length
+        self.normalize_embeddings = normalize_embeddings
+        self.bidirectional = bidirectional
+        # transformers' mask builders read `is_causal` from the backbone config: persisting it here is
+        # what makes a reloaded checkpoint bidirectional (from_pretrained(is_causal=False) is dropped).
+        self.backbone_config.is_causal = not bidirectional
+        self.instructions = dict(instructions) if instructions else {}
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    @staticmethod
+    def _build_backbone_config(backbone_config) -> PreTrainedConfig:
+        if backbone_config is None:
+            backbone_config = {"model_type": "llama"}
+        if isinstance(backbone_config, dict):
+            backbone_config = dict(backbone_config)
+            model_type = backbone_config.pop("model_type", None)
+            if model_type is None:
+                raise ValueError(
+                    "`backbone_config` given as a dict must name its `model_type` "
+                    f"(one of {SUPPORTED_BACKBONES}), got keys {sorted(backbone_config)}."
+                )
+            if model_type not in SUPPORTED_BACKBONES:
+                raise ValueError(
+                    f"Unsupported backbone `model_type` {model_type!r}: LLM2Vec4CXR supports {SUPPORTED_BACKBONES}."
+                )
+            backbone_config = AutoConfig.for_model(model_type, **backbone_config)
+        if not isinstance(backbone_config, PreTrainedConfig):
+            raise TypeError(
+                "`backbone_config` must be a transformers PreTrainedConfig or a dict, "
+                f"got {type(backbone_config).__name__}."
+            )
+        if backbone_config.model_type not in SUPPORTED_BACKBONES:
+            raise ValueError(
+                f"Unsupported backbone `model_type` {backbone_config.model_type!r}: "
+                f"LLM2Vec4CXR supports {SUPPORTED_BACKBONES}."
+            )
+        return backbone_config
+
+    @property
+    def hidden_size(self) -> int:
+        """Size of the token states and of the pooled embedding."""
+        return self.backbone_config.hidden_size
+
+
+__all__ = ["LLM2Vec4CXRConfig", "POOLING_MODES", "SUPPORTED_BACKBONES", "DEFAULT_INSTRUCTION_SEPARATOR"]
