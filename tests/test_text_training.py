@@ -23,6 +23,7 @@ from llm2clip4cxr.text_training import (
     last_complete_checkpoint,
     mntp_collator,
     mntp_model_for,
+    set_attention_dropout,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,3 +190,18 @@ def test_contrastive_recipe_with_lora_writes_a_loadable_merged_encoder(saved_tin
     initial = LLM2Vec4CXRModel.from_pretrained(saved_tiny_encoder)
     changed = [name for name, p in trained.state_dict().items() if not torch.equal(p, initial.state_dict()[name])]
     assert changed and all(name.startswith("model.layers.") for name in changed)  # LoRA targets only
+
+
+def test_simcse_views_differ_only_through_dropout(make_encoder, report_texts):
+    encoder = make_encoder()
+    batch = encoder.tokenize(report_texts[:2])
+    encoder.train()
+    with torch.no_grad():
+        assert torch.equal(encoder(**batch).pooler_output, encoder(**batch).pooler_output)  # no dropout by default
+        set_attention_dropout(encoder, 0.1)
+        first, second = encoder(**batch).pooler_output, encoder(**batch).pooler_output
+        assert not torch.allclose(first, second)
+        encoder.eval()
+        torch.testing.assert_close(encoder(**batch).pooler_output, encoder(**batch).pooler_output)
+    with pytest.raises(ValueError, match="dropout probability"):
+        set_attention_dropout(encoder, 1.5)

@@ -37,6 +37,7 @@ from llm2clip4cxr.text_training import (
     last_complete_checkpoint,
     mntp_collator,
     mntp_model_for,
+    set_attention_dropout,
 )
 
 
@@ -53,6 +54,7 @@ class RecipeArguments:
     mask_probability: float = field(default=0.2, metadata={"help": "MNTP: fraction of tokens masked"})
     mask_token: str | None = field(default=None, metadata={"help": "MNTP: existing token used as mask when the tokenizer has none"})
     scale: float = field(default=20.0, metadata={"help": "contrastive: cosine similarity scale"})
+    simcse_dropout: float = field(default=0.1, metadata={"help": "simcse: attention dropout that makes the two views differ"})
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -146,6 +148,8 @@ def main(argv=None) -> str:
         model = mntp_model_for(encoder)
         collator = mntp_collator(tokenizer, args.mask_probability, args.mask_token, seed=training_args.seed)
     else:
+        if args.stage == "simcse":
+            set_attention_dropout(encoder, args.simcse_dropout)
         model = encoder
         collator = ContrastiveCollator(encoder, instruction=args.instruction)
     if args.lora:

@@ -67,6 +67,17 @@ def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targe
     return get_peft_model(model, config)
 
 
+def set_attention_dropout(encoder: LLM2Vec4CXRModel, probability: float) -> None:
+    """Attention dropout for SimCSE: the two views of a text differ only by dropout noise, and decoder
+    configs usually ship with none. Attention layers copy the rate at construction, hence the walk."""
+    if not 0.0 <= probability < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {probability}.")
+    encoder.config.backbone_config.attention_dropout = probability
+    for module in encoder.model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = probability
+
+
 class ContrastiveCollator:
     """Tokenizes rows of {"anchor", "positive"[, "negative"]} texts into one batch for one forward pass.
 
