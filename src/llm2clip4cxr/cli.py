@@ -16,6 +16,7 @@ def _load_text_encoder(model_path: str | None):
     from .defaults import load_default_text_encoder
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # keep stderr for messages meant for the user
     if model_path is None:
         return load_default_text_encoder()
     if not Path(model_path).is_dir():
