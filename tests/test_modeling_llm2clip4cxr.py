@@ -33,6 +33,7 @@ from llm2clip4cxr.modeling.modeling_llm2clip4cxr import clip_loss
 from llm2clip4cxr.zero_shot import zero_shot_classify
 
 from .conftest import INSTRUCTION
+from .test_remote_code import REFUSE_PACKAGE
 
 MODELING_DIR = Path(llm2clip4cxr.modeling.__file__).parent
 TINY_VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
@@ -167,16 +168,7 @@ def test_save_and_auto_model_round_trip(make_model, processor, reports, tmp_path
         assert (tmp_path / name).read_bytes() == (MODELING_DIR / name).read_bytes()
 
 
-FRESH_PROCESS = r"""
-import importlib.abc, sys
-import torch
-
-class RefuseThisPackage(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "llm2clip4cxr":
-            raise ImportError("the checkpoint must load without llm2clip4cxr")
-
-sys.meta_path.insert(0, RefuseThisPackage())
+FRESH_PROCESS = REFUSE_PACKAGE + r"""
 path, inputs_file, out_file = sys.argv[1:]
 inputs = torch.load(inputs_file)
 from transformers import AutoModel, AutoProcessor

@@ -20,7 +20,8 @@ from .conftest import INSTRUCTION
 MODELING_DIR = Path(llm2clip4cxr.modeling.__file__).parent
 ALLOWED_IMPORTS = {"torch", "transformers", "json", "os", "math", "warnings", "collections", "dataclasses", "typing"}
 
-FRESH_PROCESS = r"""
+# Start of every fresh-process script: importing llm2clip4cxr fails, so the checkpoint's own code must do.
+REFUSE_PACKAGE = r"""
 import importlib.abc, json, sys
 import torch
 
@@ -30,6 +31,9 @@ class RefuseThisPackage(importlib.abc.MetaPathFinder):
             raise ImportError("the checkpoint must load without llm2clip4cxr")
 
 sys.meta_path.insert(0, RefuseThisPackage())
+"""
+
+FRESH_PROCESS = REFUSE_PACKAGE + r"""
 path, texts_file, out_file, instruction = sys.argv[1:]
 texts = json.load(open(texts_file))
 from transformers import AutoModel
