@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -49,3 +50,117 @@ def test_bad_input_exits_non_zero_with_a_message(tmp_path):
     assert run_cli("--help").returncode == 0
     assert run_cli("similarity", "--help").returncode == 0
     assert run_cli("frobnicate").returncode == 2
+
+
+CSV_ROWS = [
+    ("s1", "Small right pleural effusion.", "PA"),
+    ("s2", "No acute cardiopulmonary process.", "AP"),
+    ("s3", "", "PA"),  # empty report: skipped
+    ("s4", "Heart size is enlarged.", "PA"),
+]
+
+
+def write_csv(path, rows=CSV_ROWS, header=("uid", "findings", "view")):
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    return path
+
+
+def saved_model(make_encoder, tmp_path):
+    model = make_encoder()
+    model.save_pretrained(tmp_path / "model")
+    return model, str(tmp_path / "model")
+
+
+def test_encode_npy_equals_model_encode_and_other_formats(make_encoder, tmp_path):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    model, path = saved_model(make_encoder, tmp_path)
+    csv_path = write_csv(tmp_path / "reports.csv")
+    result = run_cli("encode", "--csv", str(csv_path), "--column", "findings", "--model", path,
+                     "--instruction", INSTRUCTION, "--output", str(tmp_path / "emb.npy"), "--json")
+    assert result.returncode == 0, result.stderr
+    texts = [row[1] for row in CSV_ROWS if row[1]]
+    expected = model.encode(texts, instruction=INSTRUCTION, convert_to_numpy=True)
+    np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), expected, rtol=1e-5, atol=1e-5)
+    assert json.loads(result.stdout)["num_texts"] == 3
+    result = run_cli("encode", *REPORTS, "--model", path, "--output", str(tmp_path / "emb.safetensors"))
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(load_file(tmp_path / "emb.safetensors")["embeddings"],
+                               model.encode(REPORTS, convert_to_numpy=True), rtol=1e-5, atol=1e-5)
+    bad_suffix = run_cli("encode", *REPORTS, "--model", path, "--output", str(tmp_path / "emb.txt"))
+    assert bad_suffix.returncode == 1 and ".npy" in bad_suffix.stderr
+
+
+def test_similar_ranks_the_csv_column(make_encoder, tmp_path):
+    _, path = saved_model(make_encoder, tmp_path)
+    csv_path = write_csv(tmp_path / "reports.csv")
+    result = run_cli("similar", "Small right pleural effusion.", "--csv", str(csv_path), "--id-column", "uid",
+                     "--model", path, "--top-k", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(result.stdout)["results"]
+    assert [hit["rank"] for hit in hits] == [1, 2]
+    assert hits[0]["id"] == "s1" and abs(hits[0]["score"] - 1.0) < 1e-4  # the query itself is in the column
+    assert hits[0]["score"] >= hits[1]["score"]
+
+
+def test_index_build_then_search(make_encoder, tmp_path):
+    _, path = saved_model(make_encoder, tmp_path)
+    csv_path = write_csv(tmp_path / "reports.csv")
+    build = run_cli("index", "build", "--csv", str(csv_path), "--column", "findings", "--id-column", "uid",
+                    "--metadata-column", "view", "--model", path, "--output", str(tmp_path / "index"))
+    assert build.returncode == 0, build.stderr
+    # The model and instruction are read back from the index folder.
+    search = run_cli("index", "search", str(tmp_path / "index"), "Heart size is enlarged.", "--top-k", "3", "--json")
+    assert search.returncode == 0, search.stderr
+    hits = json.loads(search.stdout)["results"][0]["hits"]
+    assert [hit["id"] for hit in hits][0] == "s4" and {hit["id"] for hit in hits} == {"s1", "s2", "s4"}
+    assert hits[0]["metadata"] == {"text": "Heart size is enlarged.", "view": "PA"}
+    not_an_index = run_cli("index", "search", str(tmp_path), "query")
+    assert not_an_index.returncode == 1 and "not an index folder" in not_an_index.stderr
+
+
+def test_eval_on_openi_writes_results(tmp_path):
+    result = run_cli("eval", "--limit", "40", "--baseline", "tfidf", "--output-dir", str(tmp_path / "eval"), "--json")
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)
+    assert results["num_studies"] == 40 and set(results["models"]) == {"llm2vec4cxr-tiny (default)", "tfidf"}
+    for name in ("results.json", "results.md", "recall.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["models"] == results["models"]
+    assert "| tfidf |" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_new_subcommands_report_bad_input(tmp_path, capsys):
+    # In-process: every error here is raised before a model loads, so no subprocess start-up is needed.
+    from llm2clip4cxr.cli import main
+
+    def run(*args):
+        code = main(list(args))
+        return code, capsys.readouterr().err
+
+    csv_path = write_csv(tmp_path / "reports.csv")
+    code, err = run("encode", "--csv", str(csv_path), "--column", "impression", "--output", str(tmp_path / "e.npy"))
+    assert code == 1 and "impression" in err and str(csv_path) in err
+    code, err = run("similar", "query", "--csv", str(tmp_path / "nope.csv"))
+    assert code == 1 and "nope.csv" in err
+    empty = write_csv(tmp_path / "empty.csv", rows=[("s1", " ", "PA")])
+    code, err = run("index", "build", "--csv", str(empty), "--output", str(tmp_path / "index"))
+    assert code == 1 and "no non-empty text" in err
+    code, err = run("encode", "--output", str(tmp_path / "e.npy"))
+    assert code == 1 and "no input text" in err
+    code, err = run("eval", "--csv", str(tmp_path / "nope.csv"), "--output-dir", str(tmp_path / "out"))
+    assert code == 1 and "nope.csv" in err
+    code, err = run("eval", "--limit", "0", "--output-dir", str(tmp_path / "out"))
+    assert code == 1 and "--limit" in err
+    for command, expected in (
+        (["encode", "--help"], 0), (["similar", "--help"], 0), (["index", "build", "--help"], 0),
+        (["index", "search", "--help"], 0), (["eval", "--help"], 0),
+        (["eval", "--output-dir", str(tmp_path), "--baseline", "nope"], 2), (["index"], 2),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command)
+        assert exit_info.value.code == expected, command

@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE))
 import train_text_encoder  # noqa: E402
 
 from llm2clip4cxr import LLM2Vec4CXRModel  # noqa: E402
-from llm2clip4cxr.data import read_reports_csv, shared_data_dir  # noqa: E402
+from llm2clip4cxr.data import read_reports_csv, shared_data_dir, split_by_study  # noqa: E402
 from llm2clip4cxr.evaluation.report_tasks import (  # noqa: E402
     error_discrimination,
     findings_to_impression_retrieval,
@@ -84,7 +84,7 @@ def main(argv=None):
     started = time.time()
 
     rows = read_reports_csv(reports_csv)
-    train_rows, validation_rows = train_text_encoder.split_by_study(rows, VALIDATION_FRACTION, SEED)
+    train_rows, validation_rows = split_by_study(rows, VALIDATION_FRACTION, SEED)
     print(f"{len(train_rows)} training and {len(validation_rows)} held-out studies")
 
     transformers.set_seed(SEED)

@@ -50,6 +50,224 @@ def _similarity(args) -> int:
     return EXIT_OK
 
 
+def _read_texts(path, column: str, id_column: str | None = None) -> tuple[list[str], list[str], list[dict]]:
+    """(ids, texts, rows) of the non-empty cells of `column`; ids from `id_column`, else row positions."""
+    from .data import read_reports_csv
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--csv {path}: no such file.")
+    rows = read_reports_csv(path, text_columns=(column,), id_column=id_column or column)
+    rows = [row for row in rows if row[column]]
+    if not rows:
+        raise ValueError(f"{path}: column {column!r} has no non-empty text.")
+    ids = [row[id_column] for row in rows] if id_column else [str(i) for i in range(len(rows))]
+    if id_column and len(set(ids)) != len(ids):
+        repeated = next(id_ for id_ in ids if ids.count(id_) > 1)
+        raise ValueError(f"{path}: --id-column {id_column!r} repeats the id {repeated!r}; ids must be unique.")
+    return ids, [row[column] for row in rows], rows
+
+
+def _input_texts(args) -> tuple[list[str], list[str], list[dict]]:
+    """Texts from the positional arguments or from `--csv FILE --column COL`."""
+    if args.csv:
+        if args.texts:
+            raise ValueError("give texts as arguments or with --csv, not both.")
+        return _read_texts(args.csv, args.column, getattr(args, "id_column", None))
+    texts = [text for text in args.texts if text.strip()]
+    if not texts:
+        raise ValueError("no input text: give texts as arguments or --csv FILE --column COL.")
+    return [str(i) for i in range(len(texts))], texts, [{} for _ in texts]
+
+
+def _embed(model, texts, instruction, batch_size):
+    """float32 (n, d) L2-normalised embeddings (the cosine space that `similarity` also uses)."""
+    from .evaluation.report_tasks import llm2vec_encoder
+
+    return llm2vec_encoder(model, instruction=instruction, batch_size=batch_size)(texts)
+
+
+def _emit(args, payload: dict, text: str) -> int:
+    """Print (or write to --output) `payload` as JSON with --json, else `text`."""
+    out = json.dumps(payload, indent=2) if args.json else text
+    if getattr(args, "output", None):
+        Path(args.output).write_text(out + "\n", encoding="utf-8")
+    else:
+        print(out)
+    return EXIT_OK
+
+
+_EMBEDDING_SUFFIXES = (".npy", ".safetensors", ".parquet")
+
+
+def _encode(args) -> int:
+    import numpy as np
+
+    output = Path(args.output)
+    if output.suffix not in _EMBEDDING_SUFFIXES:
+        raise ValueError(f"--output {output}: the suffix must be one of {_EMBEDDING_SUFFIXES}, got {output.suffix!r}.")
+    ids, texts, _ = _input_texts(args)
+    model = _load_text_encoder(args.model)
+    embeddings = model.encode(texts, instruction=args.instruction, batch_size=args.batch_size, convert_to_numpy=True)
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".npy":
+        np.save(output, embeddings)
+    elif output.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file({"embeddings": embeddings}, str(output), metadata={"ids": json.dumps(ids)})
+    else:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as error:
+            raise ImportError("Writing .parquet needs pyarrow: `pip install pyarrow`.") from error
+        table = pa.table({"id": ids, "text": texts, "embedding": list(embeddings)})
+        pq.write_table(table, output)
+    summary = {"output": str(output), "num_texts": len(texts), "dim": int(embeddings.shape[1])}
+    print(json.dumps(summary) if args.json else f"wrote {len(texts)} x {embeddings.shape[1]} embeddings to {output}")
+    return EXIT_OK
+
+
+def _similar(args) -> int:
+    ids, texts, _ = _read_texts(args.csv, args.column, args.id_column)
+    if not args.query.strip():
+        raise ValueError("the query is empty.")
+    model = _load_text_encoder(args.model)
+    corpus = _embed(model, texts, args.instruction, args.batch_size)
+    scores = corpus @ _embed(model, [args.query], args.instruction, args.batch_size)[0]
+    top = sorted(range(len(texts)), key=lambda i: (-scores[i], i))[: args.top_k]  # stable order on ties
+    hits = [{"rank": rank, "id": ids[i], "score": float(scores[i]), "text": texts[i]} for rank, i in enumerate(top, 1)]
+    lines = [f"{hit['rank']:>3}. {hit['score']:.3f}  [{hit['id']}] {hit['text']}" for hit in hits]
+    return _emit(args, {"query": args.query, "results": hits}, "\n".join(lines))
+
+
+_INDEX_ENCODER_FILE = "encoder.json"  # beside the index: the model and instruction its vectors came from
+
+
+def _index_build(args) -> int:
+    from .index import EmbeddingIndex, _atomic_write
+
+    ids, texts, rows = _read_texts(args.csv, args.column, args.id_column)
+    missing = [column for column in args.metadata_column if column not in rows[0]]
+    if missing:
+        raise ValueError(f"{args.csv} has no column(s) {missing} (from --metadata-column).")
+    model = _load_text_encoder(args.model)
+    embeddings = _embed(model, texts, args.instruction, args.batch_size)
+    index = EmbeddingIndex(dim=embeddings.shape[1], kind=args.kind)
+    metadata = [{"text": text, **{column: row[column] for column in args.metadata_column}} for text, row in zip(texts, rows)]
+    index.add(embeddings, ids=ids, metadata=metadata)
+    index.save(args.output)
+    encoder = {"model": str(Path(args.model).resolve()) if args.model else None, "instruction": args.instruction}
+    _atomic_write(Path(args.output) / _INDEX_ENCODER_FILE, lambda path: path.write_text(json.dumps(encoder) + "\n"))
+    summary = {"index": str(args.output), "size": len(index), "dim": index.dim, "kind": args.kind}
+    print(json.dumps(summary) if args.json else f"indexed {len(index)} reports ({args.kind}, dim {index.dim}) in {args.output}")
+    return EXIT_OK
+
+
+def _index_search(args) -> int:
+    from .index import CONFIG_NAME, EmbeddingIndex
+
+    folder = Path(args.index)
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder}: not an index folder (no {CONFIG_NAME}); build one with `index build`.")
+    queries = [query for query in args.queries if query.strip()]
+    if not queries:
+        raise ValueError("no query text given.")
+    saved = {"model": None, "instruction": None}
+    if (folder / _INDEX_ENCODER_FILE).is_file():
+        saved = json.loads((folder / _INDEX_ENCODER_FILE).read_text())
+    instruction = args.instruction if args.instruction is not None else saved["instruction"]
+    index = EmbeddingIndex.load(folder)
+    model = _load_text_encoder(args.model or saved["model"])
+    results = index.search(_embed(model, queries, instruction, args.batch_size), k=args.top_k)
+    payload = {"results": [
+        {"query": query, "hits": [{"id": id_, "score": float(score), "metadata": metadata} for id_, score, metadata in hits]}
+        for query, hits in zip(queries, results)
+    ]}
+    lines = []
+    for entry in payload["results"]:
+        lines.append(f"query: {entry['query']}")
+        lines += [f"{rank:>3}. {hit['score']:.3f}  [{hit['id']}] {(hit['metadata'] or {}).get('text', '')}"
+                  for rank, hit in enumerate(entry["hits"], 1)]
+    return _emit(args, payload, "\n".join(lines))
+
+
+def _eval(args) -> int:
+    from .data import read_reports_csv, shared_data_dir, split_by_study
+    from .evaluation import harness, report_tasks
+
+    csv_path = Path(args.csv) if args.csv else shared_data_dir() / "openi" / "reports.csv"
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"--csv {csv_path}: no such file.")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of studies, got {args.limit}.")
+    rows = read_reports_csv(csv_path)
+    if args.held_out:
+        rows = split_by_study(rows)[1]
+    rows = rows[: args.limit]  # the first N studies, in file order
+    if not rows:
+        raise ValueError(f"{csv_path} has no study with findings or impression text.")
+    label_prompts = None
+    if args.label_prompts:
+        label_prompts = json.loads(Path(args.label_prompts).read_text(encoding="utf-8"))
+        if not isinstance(label_prompts, dict) or not all(isinstance(v, str) for v in label_prompts.values()):
+            raise ValueError(f"--label-prompts {args.label_prompts}: expected a JSON object {{label: prompt}}.")
+    triplets = None
+    if args.triplets:
+        from .report_variants import load_triplets_jsonl
+
+        triplets = load_triplets_jsonl(args.triplets)
+
+    encoders = {}
+    if not args.no_model:
+        model = _load_text_encoder(args.model)
+        instruction = args.instruction
+        if instruction is None:  # the instruction the checkpoint was trained with, if it records one
+            instruction = (getattr(model.config, "instructions", None) or {}).get("findings")
+        name = Path(args.model).name if args.model else "llm2vec4cxr-tiny (default)"
+        encoders[name] = report_tasks.llm2vec_encoder(model, instruction=instruction, batch_size=args.batch_size)
+    for baseline in args.baseline:
+        if baseline == "tfidf":  # fitted on the evaluated reports themselves (unsupervised, no labels)
+            encoders["tfidf"] = report_tasks.tfidf_encoder([harness.report_text(row) for row in rows])
+        elif baseline == "bm25":
+            encoders["bm25"] = report_tasks.bm25_scorer()
+        else:
+            encoders["all-MiniLM-L6-v2"] = report_tasks.minilm_encoder(batch_size=args.batch_size)
+    for path in args.st_model:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"--st-model {path}: no such directory (give a saved sentence-transformers model).")
+        encoders[Path(path).name] = report_tasks.sentence_transformer_encoder(path, batch_size=args.batch_size)
+    if not encoders:
+        raise ValueError("nothing to evaluate: --no-model was given without --baseline or --st-model.")
+
+    results = harness.run_evaluation(
+        encoders, rows, tasks=args.tasks, seed=args.seed, triplets=triplets, label_prompts=label_prompts
+    )
+    results["data"] = str(csv_path)
+    paths = harness.write_results(results, args.output_dir)
+    if args.json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+    else:
+        print(harness.results_markdown(results))
+        print("wrote " + ", ".join(str(path) for path in paths.values()))
+    return EXIT_OK
+
+
+def _add_model_options(parser, instruction_help="instruction prepended to every report and pooled out (default: none)"):
+    parser.add_argument("--model", help="a saved LLM2Vec4CXR checkpoint directory (default: the shipped LLM2Vec4CXR-tiny)")
+    parser.add_argument("--instruction", default=None, help=instruction_help)
+    parser.add_argument("--batch-size", type=int, default=32)
+
+
+def _add_csv_options(parser, required: bool):
+    parser.add_argument("--csv", required=required, help="a UTF-8 CSV file with a header row")
+    parser.add_argument("--column", default="findings", help="the CSV column holding the report texts (default: findings)")
+    parser.add_argument(
+        "--id-column", default=None, help="the CSV column holding unique ids (default: the position among non-empty rows)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm2clip4cxr", description="Chest X-ray report encoders (LLM2Vec4CXR).")
     from . import __version__
@@ -70,6 +288,83 @@ def build_parser() -> argparse.ArgumentParser:
     similarity.add_argument("--json", action="store_true", help="print JSON for machines")
     similarity.add_argument("--output", help="write the result to this file instead of stdout")
     similarity.set_defaults(handler=_similarity)
+
+    encode = commands.add_parser(
+        "encode", help="embed reports into a file",
+        description="Embed reports (arguments, or a CSV column) and save their float32 embeddings (as model.encode returns them); "
+        "the format follows the --output suffix: .npy (array), .safetensors (tensor 'embeddings', ids in the "
+        "metadata) or .parquet (columns id, text, embedding; needs pyarrow).",
+    )
+    encode.add_argument("texts", nargs="*", help="report texts (or use --csv)")
+    _add_csv_options(encode, required=False)
+    encode.add_argument("--output", required=True, help="the embeddings file: .npy, .safetensors or .parquet")
+    _add_model_options(encode)
+    encode.add_argument("--json", action="store_true", help="print a JSON summary")
+    encode.set_defaults(handler=_encode)
+
+    similar = commands.add_parser(
+        "similar", help="the reports of a CSV column most similar to a query",
+        description="Rank the reports of a CSV column by cosine similarity to a query report.",
+    )
+    similar.add_argument("query", help="the query report text")
+    _add_csv_options(similar, required=True)
+    similar.add_argument("--top-k", type=int, default=5)
+    _add_model_options(similar)
+    similar.add_argument("--json", action="store_true", help="print JSON for machines")
+    similar.add_argument("--output", help="write the result to this file instead of stdout")
+    similar.set_defaults(handler=_similar)
+
+    index = commands.add_parser("index", help="build or search a FAISS index of reports", description="Report indexes.")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    build = index_commands.add_parser(
+        "build", help="index a CSV column",
+        description="Embed a CSV column and save an EmbeddingIndex folder (plus encoder.json naming the model "
+        "and instruction, which `index search` reuses).",
+    )
+    _add_csv_options(build, required=True)
+    build.add_argument("--output", required=True, help="the index folder to write")
+    build.add_argument("--kind", choices=("flat", "hnsw", "ivf"), default="flat", help="FAISS index kind (default: flat, exact)")
+    build.add_argument("--metadata-column", action="append", default=[], help="a CSV column to store as metadata (repeatable)")
+    _add_model_options(build)
+    build.add_argument("--json", action="store_true", help="print a JSON summary")
+    build.set_defaults(handler=_index_build)
+    search = index_commands.add_parser(
+        "search", help="top-k ids for query texts", description="Search an index folder written by `index build`."
+    )
+    search.add_argument("index", help="the index folder")
+    search.add_argument("queries", nargs="+", help="query report texts")
+    search.add_argument("--top-k", type=int, default=5)
+    _add_model_options(search, "instruction for the queries (default: the one the index was built with)")
+    search.add_argument("--json", action="store_true", help="print JSON for machines")
+    search.add_argument("--output", help="write the result to this file instead of stdout")
+    search.set_defaults(handler=_index_search)
+
+    from .evaluation.harness import TASKS  # light: numpy only
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate encoders and baselines on a report CSV",
+        description="Run the report tasks (findings->impression and paraphrase retrieval, error discrimination, "
+        "zero-shot Problems labels) for the default model (or --model) and baselines; writes results.json, "
+        "results.md and recall.png into --output-dir. Data format: see llm2clip4cxr.evaluation.report_tasks.",
+    )
+    evaluate.add_argument("--csv", help="report CSV with uid, findings, impression[, Problems] (default: the Open-I reports)")
+    evaluate.add_argument("--output-dir", required=True, help="folder for results.json, results.md, recall.png")
+    _add_model_options(evaluate, "instruction for the LLM2Vec4CXR model (default: the checkpoint's 'findings' instruction)")
+    evaluate.add_argument("--no-model", action="store_true", help="evaluate only the baselines / --st-model models")
+    evaluate.add_argument("--baseline", nargs="*", choices=("tfidf", "bm25", "minilm"), default=[], help="baselines to add")
+    evaluate.add_argument("--st-model", action="append", default=[], help="a sentence-transformers model folder (repeatable)")
+    evaluate.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks to run (default: all)")
+    evaluate.add_argument("--limit", type=int, help="use only the first N studies of the CSV (quick runs)")
+    evaluate.add_argument(
+        "--held-out",
+        action="store_true",
+        help="only the 10%% of studies held out by study id (seed 0): on Open-I, those the default model never saw",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the paraphrases and error triplets (default: 0)")
+    evaluate.add_argument("--triplets", help="a JSONL of anchor/positive/negative triplets for error discrimination")
+    evaluate.add_argument("--label-prompts", help="a JSON object {Problems label: prompt} for zero-shot labels")
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.set_defaults(handler=_eval)
     return parser
 
 
@@ -77,7 +372,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as error:
+    except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as error:
         print(f"llm2clip4cxr {args.command}: error: {error}", file=sys.stderr)
         return EXIT_ERROR
 

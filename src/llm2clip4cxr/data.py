@@ -43,3 +43,24 @@ def openi_report_texts(path=None) -> list[str]:
     for row in read_reports_csv(path):
         texts.append(" ".join(part for part in (row["findings"], row["impression"]) if part))
     return texts
+
+
+# The split of the shipped default text encoder (training/make_default_text_encoder.py).
+DEFAULT_VALIDATION_FRACTION = 0.1
+DEFAULT_SPLIT_SEED = 0
+
+
+def split_by_study(rows: list[dict], fraction: float = DEFAULT_VALIDATION_FRACTION, seed: int = DEFAULT_SPLIT_SEED):
+    """(train, held_out) rows: whole studies are held out, so no report text crosses the split.
+
+    With the defaults this is the split the shipped default encoder was trained on (its 90%) and
+    validated on (the 10%), for the Open-I reports in file order.
+    """
+    import torch
+
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"`fraction` must be in [0, 1), got {fraction}.")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    held_out = set(order[: int(round(fraction * len(rows)))])
+    return [row for i, row in enumerate(rows) if i not in held_out], [row for i, row in enumerate(rows) if i in held_out]

@@ -1,25 +1,75 @@
-"""Report-level evaluation tasks (Ko et al. 2025) and the text encoders they compare.
+"""Report-level evaluation tasks (Ko et al. 2025) and the text models they compare.
 
-An *encoder* here is any callable `texts -> (n, d) float32 array` of L2-normalised embeddings, so
-LLM2Vec4CXR models, sentence-transformers models and TF-IDF are scored by the same code.
+A *model* is either
+    an Encoder: a callable `texts -> (n, d) float32 array` of L2-normalised embeddings (LLM2Vec4CXR
+        models, sentence-transformers models, TF-IDF), scored by cosine similarity; or
+    a Scorer: an object with `score(queries, corpus) -> (len(queries), len(corpus)) array`, for
+        baselines that are not embedding models (BM25 scores a query against an indexed corpus).
+Every task scores through `score_matrix`, so both kinds are evaluated by the same code.
 
 Tasks:
     findings_to_impression_retrieval: each study's findings retrieves its own impression among all
         impressions (R@K, MRR, ranks). Many impressions are word-for-word identical ("No acute
         cardiopulmonary disease."); by default identical impressions all count as relevant
         (`duplicate_rule="count_as_relevant"`, as the LLM2Vec4CXR authors' script does).
+    paraphrase_retrieval: a clinically-equivalent variant of each report (`make_positive`, seeded per
+        report) retrieves its original among all originals (R@K, MRR; identical originals count as
+        relevant).
     error_discrimination: for (anchor, clinically-equivalent positive, clinically-wrong negative)
         triplets, the fraction where the anchor is closer to the positive (chance: 0.5; ties count
         as failures).
+    zero_shot_label_auroc: report-level zero-shot classification. Per label, AUROC of
+        cosine(report, label prompt) against the report's labels, and F1 of the fixed rule
+        "cosine(report, label prompt) > cosine(report, normal prompt)" (no threshold is tuned on the
+        evaluated data). Macro means over the labels that have both positive and negative reports.
+
+Input formats (bring your own data in these):
+    Report CSV (UTF-8, header row; the Open-I `openi/reports.csv` is one): `uid` (unique study id),
+        `findings`, `impression` (either may be empty; rows with both empty are skipped) and, for
+        zero-shot labels, `Problems`: labels separated by ";" (Open-I MeSH-style "Problems"; the
+        value "normal" means no abnormality). Other columns are ignored. Read with
+        `data.read_reports_csv`; the report text of a row is findings + " " + impression.
+    Triplet JSONL (optional, replaces the generated error-discrimination triplets): one object per
+        line with "anchor", "positive", "negative" strings; read with
+        `report_variants.load_triplets_jsonl`.
+    Label prompts JSON (optional): an object {label: prompt}, labels spelt as in `Problems`;
+        default `DEFAULT_LABEL_PROMPTS`. The normal prompt is `DEFAULT_NORMAL_PROMPT`.
 """
 
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from .metrics import relevant_with_duplicates, retrieval_metrics
 
 Encoder = Callable[[Sequence[str]], np.ndarray]
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A model that scores queries against a corpus directly, with no embeddings (e.g. BM25)."""
+
+    def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:
+        """`(len(queries), len(corpus))` similarities, higher is better."""
+
+
+Model = Encoder | Scorer
+
+
+def score_matrix(model: Model, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:
+    """`(len(queries), len(corpus))` float32 similarities: `model.score` for a Scorer, cosine for an Encoder."""
+    queries, corpus = list(queries), list(corpus)
+    if isinstance(model, Scorer):
+        scores = np.asarray(model.score(queries, corpus), dtype=np.float32)
+    elif callable(model):
+        scores = model(queries) @ model(corpus).T
+    else:
+        raise TypeError(f"A model must be an Encoder (callable) or a Scorer (with .score), got {type(model).__name__}.")
+    if scores.shape != (len(queries), len(corpus)):
+        raise ValueError(f"The model returned scores of shape {scores.shape}, expected {(len(queries), len(corpus))}.")
+    return scores
 
 
 def _normalized(embeddings) -> np.ndarray:
@@ -73,7 +123,7 @@ def tfidf_encoder(fit_texts: Sequence[str]) -> Encoder:
 
 
 def findings_to_impression_retrieval(
-    encoder: Encoder, studies: Sequence[dict], duplicate_rule: str = "count_as_relevant", ks=(1, 5, 10)
+    encoder: Model, studies: Sequence[dict], duplicate_rule: str = "count_as_relevant", ks=(1, 5, 10)
 ) -> dict[str, float]:
     """Retrieve each study's impression from its findings. `studies`: dicts with `uid`, `findings`,
     `impression` (studies missing either are skipped)."""
@@ -89,17 +139,183 @@ def findings_to_impression_retrieval(
         {uid: {uid} for uid in ids},
         duplicate_rule,
     )
-    scores = encoder([study["findings"] for study in studies]) @ encoder([study["impression"] for study in studies]).T
+    scores = score_matrix(encoder, [study["findings"] for study in studies], [study["impression"] for study in studies])
     metrics = retrieval_metrics(resolution.select(scores), ids, resolution.corpus_ids, resolution.relevant, ks=ks)
     metrics["num_queries"] = len(ids)
     return metrics
 
 
-def error_discrimination(encoder: Encoder, triplets: Sequence[dict]) -> dict[str, float]:
+def error_discrimination(encoder: Model, triplets: Sequence[dict]) -> dict[str, float]:
     """Accuracy of preferring the clinically-equivalent positive over the clinically-wrong negative."""
     if not triplets:
         raise ValueError("No triplets to score.")
-    anchors = encoder([triplet["anchor"] for triplet in triplets])
-    positive = np.sum(anchors * encoder([triplet["positive"] for triplet in triplets]), axis=1)
-    negative = np.sum(anchors * encoder([triplet["negative"] for triplet in triplets]), axis=1)
+    anchors = [triplet["anchor"] for triplet in triplets]
+    positives = [triplet["positive"] for triplet in triplets]
+    negatives = [triplet["negative"] for triplet in triplets]
+    if isinstance(encoder, Scorer):
+        # One corpus of all positives and negatives, so both sides share the scorer's corpus statistics.
+        scores = score_matrix(encoder, anchors, positives + negatives)
+        rows = np.arange(len(anchors))
+        positive, negative = scores[rows, rows], scores[rows, rows + len(anchors)]
+    else:
+        embedded = encoder(anchors)
+        positive = np.sum(embedded * encoder(positives), axis=1)
+        negative = np.sum(embedded * encoder(negatives), axis=1)
     return {"accuracy": float(np.mean(positive > negative)), "chance": 0.5, "num_triplets": len(triplets)}
+
+
+def paraphrase_retrieval(
+    encoder: Model, reports: Mapping[str, str] | Sequence[str], seed: int = 0, ks=(1, 5, 10)
+) -> dict[str, float]:
+    """A clinically-equivalent variant of each report retrieves its original among all originals.
+
+    Args:
+        encoder: an Encoder or a Scorer.
+        reports: id -> report text (a list is keyed by position). Every report is in the corpus;
+            reports that no positive generator changes get no query.
+        seed: variants are drawn with `random.Random(f"{seed}:{id}")` per report, so a report's query
+            does not depend on the others.
+
+    Returns:
+        `retrieval_metrics` keys plus `num_queries` and `num_corpus`. Identical originals (after
+        `normalize_report_text`) all count as relevant ("count_as_relevant").
+    """
+    from ..report_variants import make_positive
+
+    corpus = _id_texts(reports)
+    queries = {}
+    for report_id, text in corpus.items():
+        variant = make_positive(text, random.Random(f"{seed}:{report_id}"))
+        if variant is not None:
+            queries[report_id] = variant[0]
+    if not queries:
+        raise ValueError("No report could be paraphrased (make_positive changed none of them); nothing to retrieve.")
+    resolution = relevant_with_duplicates(queries, corpus, {uid: {uid} for uid in queries}, "count_as_relevant")
+    scores = score_matrix(encoder, list(queries.values()), list(corpus.values()))
+    metrics = retrieval_metrics(resolution.select(scores), list(queries), resolution.corpus_ids, resolution.relevant, ks=ks)
+    metrics["num_queries"], metrics["num_corpus"] = len(queries), len(corpus)
+    return metrics
+
+
+# Open-I `Problems` labels with at least ~80 reports, each with a short positive statement.
+DEFAULT_LABEL_PROMPTS = {
+    "Cardiomegaly": "The heart is enlarged.",
+    "Pulmonary Atelectasis": "There is atelectasis.",
+    "Opacity": "There is a lung opacity.",
+    "Calcified Granuloma": "There is a calcified granuloma.",
+    "Pleural Effusion": "There is a pleural effusion.",
+    "Atherosclerosis": "The aorta is atherosclerotic.",
+    "Airspace Disease": "There is airspace disease.",
+    "Nodule": "There is a pulmonary nodule.",
+    "Scoliosis": "There is scoliosis of the spine.",
+    "Catheters, Indwelling": "A catheter is in place.",
+}
+DEFAULT_NORMAL_PROMPT = "No acute cardiopulmonary abnormality."
+
+
+def parse_problems(value: str) -> set[str]:
+    """Labels of an Open-I `Problems` cell ("Cardiomegaly;Opacity"); "normal" and empty give no label."""
+    labels = {label.strip() for label in (value or "").split(";")}
+    return {label for label in labels if label and label.casefold() != "normal"}
+
+
+def zero_shot_label_auroc(
+    encoder: Model,
+    reports: Mapping[str, str],
+    labels: Mapping[str, set[str]],
+    label_prompts: Mapping[str, str] | None = None,
+    normal_prompt: str = DEFAULT_NORMAL_PROMPT,
+) -> dict:
+    """Zero-shot report classification: is each label's prompt closer to the report than the normal prompt?
+
+    Args:
+        encoder: an Encoder or a Scorer (scores reports against the prompts as a corpus).
+        reports: id -> report text.
+        labels: id -> set of labels of that report (ids missing here have no label).
+        label_prompts: label -> prompt (default `DEFAULT_LABEL_PROMPTS`).
+        normal_prompt: the reference prompt of the fixed decision rule.
+
+    Returns:
+        `{"macro_auroc", "macro_f1", "num_reports", "num_labels", "per_label": {label: {"auroc", "f1",
+        "num_positive"}}, "skipped_labels": [...]}`. AUROC ranks reports by cosine(report, prompt);
+        F1 predicts the label when cosine(report, prompt) > cosine(report, normal prompt), a rule fixed
+        in advance rather than a threshold tuned on these reports (which would inflate F1). Labels
+        with no positive or no negative report have no AUROC and are listed in `skipped_labels`.
+    """
+    try:
+        from sklearn.metrics import f1_score, roc_auc_score
+    except ImportError as error:
+        raise ImportError('Zero-shot AUROC needs `pip install "llm2clip4cxr[eval]"` (scikit-learn).') from error
+    label_prompts = dict(DEFAULT_LABEL_PROMPTS if label_prompts is None else label_prompts)
+    if not label_prompts:
+        raise ValueError("`label_prompts` is empty; give at least one {label: prompt}.")
+    reports = _id_texts(reports)
+    names = list(label_prompts)
+    scores = score_matrix(encoder, list(reports.values()), [label_prompts[name] for name in names] + [normal_prompt])
+    per_label, skipped = {}, []
+    for j, name in enumerate(names):
+        truth = np.array([name in labels.get(report_id, ()) for report_id in reports])
+        if truth.all() or not truth.any():
+            skipped.append(name)
+            continue
+        per_label[name] = {
+            "auroc": float(roc_auc_score(truth, scores[:, j])),
+            "f1": float(f1_score(truth, scores[:, j] > scores[:, -1], zero_division=0.0)),
+            "num_positive": int(truth.sum()),
+        }
+    if not per_label:
+        raise ValueError(f"No label of {names} has both positive and negative reports among the {len(reports)} given.")
+    return {
+        "macro_auroc": float(np.mean([result["auroc"] for result in per_label.values()])),
+        "macro_f1": float(np.mean([result["f1"] for result in per_label.values()])),
+        "num_reports": len(reports),
+        "num_labels": len(per_label),
+        "per_label": per_label,
+        "skipped_labels": skipped,
+    }
+
+
+class BM25Scorer:
+    """BM25 (bm25s, Lucene variant) over lower-cased word tokens; the corpus of each `score` call is indexed.
+
+    No stop words are removed: "no" and "without" carry the negations that reports hinge on.
+    """
+
+    def __init__(self, k1: float = 1.5, b: float = 0.75) -> None:
+        try:
+            import bm25s
+        except ImportError as error:
+            raise ImportError('The BM25 baseline needs `pip install "llm2clip4cxr[eval]"` (bm25s).') from error
+        self._bm25s, self.k1, self.b = bm25s, k1, b
+
+    def _tokens(self, texts: Sequence[str]) -> list[list[str]]:
+        return self._bm25s.tokenize(list(texts), stopwords=None, return_ids=False, show_progress=False)
+
+    def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:
+        retriever = self._bm25s.BM25(k1=self.k1, b=self.b)
+        retriever.index(self._tokens(corpus), show_progress=False)
+        scores = np.zeros((len(queries), len(corpus)), dtype=np.float32)
+        for i, tokens in enumerate(self._tokens(queries)):
+            if tokens:  # a query with no word token (bm25s rejects an empty list) scores 0 everywhere
+                scores[i] = retriever.get_scores(tokens)
+        return scores
+
+
+def bm25_scorer(k1: float = 1.5, b: float = 0.75) -> BM25Scorer:
+    """BM25 as a Scorer (lexical baseline; not an embedding model, so it has no `encode`)."""
+    return BM25Scorer(k1=k1, b=b)
+
+
+def _id_texts(reports: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
+    if isinstance(reports, Mapping):
+        texts = {str(report_id): text for report_id, text in reports.items()}
+    elif isinstance(reports, Sequence) and not isinstance(reports, str):
+        texts = {str(i): text for i, text in enumerate(reports)}
+    else:
+        raise TypeError(f"`reports` must be a mapping id -> text or a list of texts, got {type(reports).__name__}.")
+    empty = next((report_id for report_id, text in texts.items() if not isinstance(text, str) or not text.strip()), None)
+    if empty is not None:
+        raise ValueError(f"Report {empty!r} is empty or not a string; drop it before evaluating.")
+    if not texts:
+        raise ValueError("`reports` is empty.")
+    return texts
