@@ -17,7 +17,6 @@ weights go into a bidirectional backbone with a new pooling head). The trained e
 """
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -27,7 +26,7 @@ import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 import llm2clip4cxr
-from llm2clip4cxr.data import read_reports_csv
+from llm2clip4cxr.data import read_reports_csv, split_by_study
 from llm2clip4cxr.factory import encoder_from_decoder
 from llm2clip4cxr.report_variants import build_triplets, load_triplets_jsonl
 from llm2clip4cxr.text_training import (
@@ -37,6 +36,7 @@ from llm2clip4cxr.text_training import (
     last_complete_checkpoint,
     mntp_collator,
     mntp_model_for,
+    save_pretrained_atomically,
     set_attention_dropout,
 )
 
@@ -61,14 +61,6 @@ class RecipeArguments:
     lora_dropout: float = 0.05
     merge_lora: bool = field(default=True, metadata={"help": "fold LoRA adapters into the weights before saving"})
     resume: bool = field(default=False, metadata={"help": "resume from the last complete checkpoint in output_dir"})
-
-
-def split_by_study(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out whole studies (by `uid`) so no report text leaks from training into validation."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(rows), generator=generator).tolist()
-    held_out = set(order[: int(round(fraction * len(rows)))])
-    return [row for i, row in enumerate(rows) if i not in held_out], [row for i, row in enumerate(rows) if i in held_out]
 
 
 def load_encoder(args: RecipeArguments):
@@ -105,19 +97,6 @@ def build_datasets(args: RecipeArguments, seed: int):
         return datasets.Dataset.from_list([{role: item[role] for role in ("anchor", "positive", "negative")} for item in built])
 
     return triplets(train_rows), triplets(validation_rows) if validation_rows else None
-
-
-def save_atomically(model, output_dir: str) -> str:
-    """Write the final encoder to `<output_dir>/model` via a temporary folder, so an interrupted save
-    never leaves a half-written model where a complete one is expected."""
-    final = os.path.join(output_dir, "model")
-    staging = final + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    return final
 
 
 def main(argv=None) -> str:
@@ -168,7 +147,7 @@ def main(argv=None) -> str:
         encoder = model  # keep the adapter model: save_pretrained writes adapter weights only
     final = None
     if trainer.is_world_process_zero():
-        final = save_atomically(encoder, training_args.output_dir)
+        final = save_pretrained_atomically(training_args.output_dir, encoder)
         print(f"saved the trained encoder to {final}")
     return final
 

@@ -15,6 +15,7 @@ what no library does is written here:
 import logging
 import os
 import re
+import shutil
 
 import torch
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer
@@ -152,3 +153,17 @@ def last_complete_checkpoint(output_dir) -> str | None:
             return path
         logger.warning("Skipping %s: it has no trainer_state.json (a save that was interrupted).", path)
     return None
+
+
+def save_pretrained_atomically(output_dir: str | os.PathLike, *objects) -> str:
+    """`save_pretrained` every object (model, processor) into `<output_dir>/model` through a temporary
+    folder, so an interrupted save never leaves a half-written model where a complete one is expected."""
+    final = os.path.join(os.fspath(output_dir), "model")
+    staging = final + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    for obj in objects:
+        obj.save_pretrained(staging)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    return final
