@@ -26,7 +26,8 @@ def read_reports_csv(path, text_columns=("findings", "impression"), id_column: s
     path = Path(path)
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        missing = [column for column in (id_column, *text_columns) if column not in (reader.fieldnames or [])]
+        wanted = dict.fromkeys((id_column, *text_columns))  # ordered, without repeats
+        missing = [column for column in wanted if column not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path} has no column(s) {missing}; its columns are {reader.fieldnames}.")
         rows = []
