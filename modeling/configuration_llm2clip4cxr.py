@@ -9,7 +9,7 @@ import math
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_llm2vec4cxr import LLM2Vec4CXRConfig
+from .configuration_llm2vec4cxr import LLM2Vec4CXRConfig, build_sub_config
 
 # Vision towers whose `AutoModel` returns a `pooler_output` of `hidden_size`, the only interface the image
 # side relies on.
@@ -97,37 +97,14 @@ class LLM2CLIP4CXRConfig(PreTrainedConfig):
 
     @staticmethod
     def _build_vision_config(vision_config) -> PreTrainedConfig:
-        if vision_config is None:
-            vision_config = {"model_type": "clip_vision_model"}
-        if isinstance(vision_config, dict):
-            vision_config = dict(vision_config)
-            model_type = vision_config.pop("model_type", None)
-            if model_type is None:
-                raise ValueError(
-                    "`vision_config` given as a dict must name its `model_type` "
-                    f"(one of {SUPPORTED_VISION_MODEL_TYPES}), got keys {sorted(vision_config)}."
-                )
-            if model_type not in SUPPORTED_VISION_MODEL_TYPES:
-                raise ValueError(
-                    f"Unsupported vision `model_type` {model_type!r}: LLM2CLIP4CXR supports "
-                    f"{SUPPORTED_VISION_MODEL_TYPES}."
-                )
-            vision_config = AutoConfig.for_model(model_type, **vision_config)
-        if not isinstance(vision_config, PreTrainedConfig):
-            raise TypeError(
-                "`vision_config` must be a transformers PreTrainedConfig or a dict, "
-                f"got {type(vision_config).__name__}."
-            )
-        if vision_config.model_type not in SUPPORTED_VISION_MODEL_TYPES:
-            hint = (
-                f" Pass its `.vision_config` instead of the whole {vision_config.model_type!r} config."
-                if hasattr(vision_config, "vision_config")
-                else ""
-            )
-            raise ValueError(
-                f"Unsupported vision `model_type` {vision_config.model_type!r}: LLM2CLIP4CXR supports "
-                f"{SUPPORTED_VISION_MODEL_TYPES}.{hint}"
-            )
+        vision_config = build_sub_config(
+            vision_config, "vision_config", "vision", SUPPORTED_VISION_MODEL_TYPES,
+            default_model_type="clip_vision_model", owner="LLM2CLIP4CXR",
+            hint=lambda config: (
+                f" Pass its `.vision_config` instead of the whole {config.model_type!r} config."
+                if hasattr(config, "vision_config") else ""
+            ),
+        )
         if not getattr(vision_config, "vision_use_head", True):
             raise ValueError(
                 "`vision_config.vision_use_head` must be True: LLM2CLIP4CXR projects the vision tower's pooled "

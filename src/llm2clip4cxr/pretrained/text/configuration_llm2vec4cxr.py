@@ -64,7 +64,9 @@ class LLM2Vec4CXRConfig(PreTrainedConfig):
         instructions: dict | None = None,
         **kwargs,
     ):
-        self.backbone_config = self._build_backbone_config(backbone_config)
+        self.backbone_config = build_sub_config(
+            backbone_config, "backbone_config", "backbone", SUPPORTED_BACKBONES, default_model_type="llama", owner="LLM2Vec4CXR"
+        )
         pooling_mode = POOLING_MODE_ALIASES.get(pooling_mode, pooling_mode)
         if pooling_mode not in POOLING_MODES:
             raise ValueError(f"`pooling_mode` must be one of {POOLING_MODES}, got {pooling_mode!r}.")
@@ -98,39 +100,33 @@ class LLM2Vec4CXRConfig(PreTrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
-    @staticmethod
-    def _build_backbone_config(backbone_config) -> PreTrainedConfig:
-        if backbone_config is None:
-            backbone_config = {"model_type": "llama"}
-        if isinstance(backbone_config, dict):
-            backbone_config = dict(backbone_config)
-            model_type = backbone_config.pop("model_type", None)
-            if model_type is None:
-                raise ValueError(
-                    "`backbone_config` given as a dict must name its `model_type` "
-                    f"(one of {SUPPORTED_BACKBONES}), got keys {sorted(backbone_config)}."
-                )
-            if model_type not in SUPPORTED_BACKBONES:
-                raise ValueError(
-                    f"Unsupported backbone `model_type` {model_type!r}: LLM2Vec4CXR supports {SUPPORTED_BACKBONES}."
-                )
-            backbone_config = AutoConfig.for_model(model_type, **backbone_config)
-        if not isinstance(backbone_config, PreTrainedConfig):
-            raise TypeError(
-                "`backbone_config` must be a transformers PreTrainedConfig or a dict, "
-                f"got {type(backbone_config).__name__}."
-            )
-        if backbone_config.model_type not in SUPPORTED_BACKBONES:
-            raise ValueError(
-                f"Unsupported backbone `model_type` {backbone_config.model_type!r}: "
-                f"LLM2Vec4CXR supports {SUPPORTED_BACKBONES}."
-            )
-        return backbone_config
-
     @property
     def hidden_size(self) -> int:
         """Size of the token states and of the pooled embedding."""
         return self.backbone_config.hidden_size
 
 
-__all__ = ["LLM2Vec4CXRConfig", "POOLING_MODES", "SUPPORTED_BACKBONES", "DEFAULT_INSTRUCTION_SEPARATOR"]
+def build_sub_config(value, field: str, kind: str, supported, default_model_type: str, owner: str, hint=None):
+    """A sub-config from a config, a dict carrying `model_type`, or None (the default type), checked
+    against the `supported` model types; `hint(config)` may add advice to the unsupported-type error."""
+    if value is None:
+        value = {"model_type": default_model_type}
+    if isinstance(value, dict):
+        value = dict(value)
+        model_type = value.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(
+                f"`{field}` given as a dict must name its `model_type` (one of {supported}), got keys {sorted(value)}."
+            )
+        if model_type not in supported:
+            raise ValueError(f"Unsupported {kind} `model_type` {model_type!r}: {owner} supports {supported}.")
+        value = AutoConfig.for_model(model_type, **value)
+    if not isinstance(value, PreTrainedConfig):
+        raise TypeError(f"`{field}` must be a transformers PreTrainedConfig or a dict, got {type(value).__name__}.")
+    if value.model_type not in supported:
+        extra = hint(value) if hint is not None else ""
+        raise ValueError(f"Unsupported {kind} `model_type` {value.model_type!r}: {owner} supports {supported}.{extra}")
+    return value
+
+
+__all__ = ["LLM2Vec4CXRConfig", "build_sub_config", "POOLING_MODES", "SUPPORTED_BACKBONES", "DEFAULT_INSTRUCTION_SEPARATOR"]
