@@ -157,7 +157,8 @@ def test_interrupted_run_resumes_to_the_same_final_step(saved_tiny_encoder, tmp_
     process.wait()
     interrupted_at = last_complete_checkpoint(output_dir)
     assert interrupted_at is not None and not (output_dir / "model").exists(), "the run was not interrupted mid-way"
-    subprocess.run(_recipe(*args, "--resume", "true"), check=True, capture_output=True, timeout=300)
+    resumed = subprocess.run(_recipe(*args, "--resume", "true"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     state = json.loads((Path(last_complete_checkpoint(output_dir)) / "trainer_state.json").read_text())
     assert state["global_step"] == 60
     assert int(Path(interrupted_at).name.split("-")[1]) < 60
@@ -165,10 +166,14 @@ def test_interrupted_run_resumes_to_the_same_final_step(saved_tiny_encoder, tmp_
 
 
 def test_last_complete_checkpoint_skips_a_save_cut_short(tmp_path):
-    for step in (2, 4):
+    for step in (2, 4, 6):
         (tmp_path / f"checkpoint-{step}").mkdir()
-    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
+    (tmp_path / "checkpoint-6" / "trainer_state.json").write_text('{"global_step": 6, "log_hi')  # killed mid-write
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    assert (tmp_path / "checkpoint-4").exists()
+    assert last_complete_checkpoint(tmp_path, remove_incomplete=True) == str(tmp_path / "checkpoint-2")
+    assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "checkpoint-6").exists()
     shutil.rmtree(tmp_path / "checkpoint-2")
     assert last_complete_checkpoint(tmp_path) is None
 

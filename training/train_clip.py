@@ -164,7 +164,7 @@ def main(argv=None) -> str | None:
         sup_con_temperature=args.sup_con_temperature,
         bce_weight=args.bce_weight,
     )
-    resume_from = last_complete_checkpoint(training_args.output_dir) if args.resume else None
+    resume_from = last_complete_checkpoint(training_args.output_dir, remove_incomplete=True) if args.resume else None
     trainer.train(resume_from_checkpoint=resume_from)
     if args.lora_text:
         model = model.merge_and_unload()

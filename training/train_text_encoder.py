@@ -139,7 +139,7 @@ def main(argv=None) -> str:
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=collator, **extra,
     )
-    resume_from = last_complete_checkpoint(training_args.output_dir) if args.resume else None
+    resume_from = last_complete_checkpoint(training_args.output_dir, remove_incomplete=True) if args.resume else None
     trainer.train(resume_from_checkpoint=resume_from)
     if args.lora and args.merge_lora:
         model = model.merge_and_unload()

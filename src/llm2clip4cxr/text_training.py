@@ -12,6 +12,7 @@ what no library does is written here:
   model in ONE forward pass: DDP does not allow several forwards before one backward.
 """
 
+import json
 import logging
 import os
 import re
@@ -136,22 +137,29 @@ class ContrastiveTrainer(Trainer):
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def last_complete_checkpoint(output_dir) -> str | None:
-    """The newest `checkpoint-N` folder that holds `trainer_state.json`.
+def last_complete_checkpoint(output_dir, remove_incomplete: bool = False) -> str | None:
+    """The newest `checkpoint-N` folder whose `trainer_state.json` is whole and says step N.
 
-    Trainer writes that file last, so a folder without it is a save cut short by a kill; it is skipped
-    (with a warning) rather than resumed from.
+    Trainer writes that file last, so a folder without it (or with a truncated one) is a save cut short
+    by a kill: it is skipped with a warning, and deleted when `remove_incomplete` (a resumed run would
+    otherwise later write into it and rotate checkpoints around it).
     """
     if not os.path.isdir(output_dir):
         return None
     steps = sorted(
         (int(match.group(1)), name) for name in os.listdir(output_dir) if (match := _CHECKPOINT.match(name))
     )
-    for _, name in reversed(steps):
+    for step, name in reversed(steps):
         path = os.path.join(output_dir, name)
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):
-            return path
-        logger.warning("Skipping %s: it has no trainer_state.json (a save that was interrupted).", path)
+        try:
+            with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as handle:
+                if json.load(handle).get("global_step") == step:
+                    return path
+        except (OSError, ValueError):
+            pass
+        logger.warning("Skipping %s: its trainer_state.json is missing or incomplete (an interrupted save).", path)
+        if remove_incomplete:
+            shutil.rmtree(path, ignore_errors=True)
     return None
 
 
