@@ -25,29 +25,18 @@ def _load_text_encoder(model_path: str | None):
 
 
 def _similarity(args) -> int:
-    import torch.nn.functional as F
-
     reports = list(args.reports)
     if args.file:
         reports += [line.strip() for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(reports) < 2:
         raise ValueError("give at least two reports (as arguments or with --file) to compare.")
-    model = _load_text_encoder(args.model)
-    embeddings = F.normalize(model.encode(reports, instruction=args.instruction, batch_size=args.batch_size), dim=-1)
+    embeddings = _embed(_load_text_encoder(args.model), reports, args.instruction, args.batch_size)
     scores = (embeddings @ embeddings.T).tolist()
-    if args.json:
-        text = json.dumps({"reports": reports, "cosine_similarity": scores}, indent=2)
-    else:
-        lines = [f"[{i}] {report}" for i, report in enumerate(reports)]
-        lines.append("")
-        lines.append("      " + "".join(f"{f'[{j}]':>8}" for j in range(len(reports))))
-        lines += [f"{f'[{i}]':>5} " + "".join(f"{value:8.3f}" for value in row) for i, row in enumerate(scores)]
-        text = "\n".join(lines)
-    if args.output:
-        Path(args.output).write_text(text + "\n", encoding="utf-8")
-    else:
-        print(text)
-    return EXIT_OK
+    lines = [f"[{i}] {report}" for i, report in enumerate(reports)]
+    lines.append("")
+    lines.append("      " + "".join(f"{f'[{j}]':>8}" for j in range(len(reports))))
+    lines += [f"{f'[{i}]':>5} " + "".join(f"{value:8.3f}" for value in row) for i, row in enumerate(scores)]
+    return _emit(args, {"reports": reports, "cosine_similarity": scores}, "\n".join(lines))
 
 
 def _read_texts(path, column: str, id_column: str | None = None) -> tuple[list[str], list[str], list[dict]]:
