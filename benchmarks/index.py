@@ -119,7 +119,7 @@ def main():
         label = f"IVF nlist={args.nlist}"
     _, approx_build = timed(lambda: approx.add(corpus, ids))
     print(f"\napproximate ({label}): build {approx_build:.1f} s; peak memory {peak_memory_gib():.2f} GiB")
-    print(f"  sweep (one timing each, speed-up against the single exact timing above)")
+    print("  sweep (one timing each, speed-up against the single exact timing above)")
     print(f"  {knob:>9}  {'queries/s':>10}  {'speed-up':>8}  recall@{args.k}  source@1")
 
     reached, stop_reason = False, f"swept up to {knob}={settings[-1]}"

@@ -24,13 +24,12 @@ to `<output_dir>/model` (atomically: a complete folder or none).
 import json
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import transformers
-from transformers import AutoModel, AutoProcessor, HfArgumentParser, TrainingArguments
+from transformers import AutoModel, AutoProcessor
 
 from llm2clip4cxr import LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRModel, LLM2CLIP4CXRProcessor  # registers Auto classes
 from llm2clip4cxr.clip_training import (
@@ -41,7 +40,7 @@ from llm2clip4cxr.clip_training import (
     build_caption,
     cache_text_embeddings,
 )
-from llm2clip4cxr.text_training import last_complete_checkpoint, save_pretrained_atomically
+from llm2clip4cxr.text_training import last_complete_checkpoint, parse_recipe_arguments, save_pretrained_atomically
 
 
 @dataclass
@@ -116,15 +115,7 @@ def load_model_and_processor(args: RecipeArguments):
 
 
 def main(argv=None) -> str | None:
-    parser = HfArgumentParser((RecipeArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        args, training_args = parser.parse_yaml_file(os.path.abspath(argv[0]))
-    else:
-        args, training_args = parser.parse_args_into_dataclasses(argv)
-    training_args.remove_unused_columns = False  # the collator reads raw rows
-    if training_args.ddp_find_unused_parameters is None:
-        training_args.ddp_find_unused_parameters = False
+    args, training_args = parse_recipe_arguments(RecipeArguments, argv)
     transformers.set_seed(training_args.seed)
 
     model, processor = load_model_and_processor(args)

@@ -17,13 +17,11 @@ weights go into a bidirectional backbone with a new pooling head). The trained e
 """
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 import datasets
-import torch
 import transformers
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import Trainer
 
 import llm2clip4cxr
 from llm2clip4cxr.data import read_reports_csv, split_by_study
@@ -36,6 +34,7 @@ from llm2clip4cxr.text_training import (
     last_complete_checkpoint,
     mntp_collator,
     mntp_model_for,
+    parse_recipe_arguments,
     save_pretrained_atomically,
     set_attention_dropout,
 )
@@ -100,17 +99,9 @@ def build_datasets(args: RecipeArguments, seed: int):
 
 
 def main(argv=None) -> str:
-    parser = HfArgumentParser((RecipeArguments, TrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        args, training_args = parser.parse_yaml_file(os.path.abspath(argv[0]))
-    else:
-        args, training_args = parser.parse_args_into_dataclasses(argv)
+    args, training_args = parse_recipe_arguments(RecipeArguments, argv)
     if args.stage not in ("mntp", "contrastive", "simcse"):
         raise ValueError(f"--stage must be mntp, contrastive or simcse, got {args.stage!r}.")
-    training_args.remove_unused_columns = False  # the collators read raw text columns
-    if training_args.ddp_find_unused_parameters is None:
-        training_args.ddp_find_unused_parameters = False  # every parameter takes part in each step
     transformers.set_seed(training_args.seed)
 
     encoder = load_encoder(args)

@@ -134,6 +134,26 @@ class ContrastiveTrainer(Trainer):
         return loss.detach(), None, None
 
 
+def parse_recipe_arguments(recipe_arguments_class, argv=None):
+    """(recipe arguments, TrainingArguments) from the command line or from a single YAML file, with the
+    settings every recipe here needs: raw rows reach the collators, and DDP skips the unused-parameter
+    search (every parameter takes part in each step)."""
+    import sys
+
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser((recipe_arguments_class, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        args, training_args = parser.parse_yaml_file(os.path.abspath(argv[0]))
+    else:
+        args, training_args = parser.parse_args_into_dataclasses(argv)
+    training_args.remove_unused_columns = False
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = False
+    return args, training_args
+
+
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
