@@ -354,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label-prompts", help="a JSON object {Problems label: prompt} for zero-shot labels")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.set_defaults(handler=_eval)
+
+    import importlib
+
+    from .commands import COMMAND_MODULES
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f".commands.{name}", __package__).register(commands)
     return parser
 
 
