@@ -31,11 +31,13 @@ import os
 import re
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .fileio import atomic_write
 
 INDEX_KINDS = ("flat", "hnsw", "ivf")
 
@@ -314,11 +316,11 @@ class EmbeddingIndex:
         token = uuid.uuid4().hex[:12]
         files = {role: template.format(token=token) for role, template in _FILE_TEMPLATES.items()}
         faiss = self._faiss
-        _atomic_write(directory / files["faiss"], lambda path: faiss.write_index(self._index, str(path)))
-        _atomic_write(directory / files["vectors"], self._write_vectors)
-        _atomic_write(directory / files["metadata"], self._write_metadata)
+        atomic_write(directory / files["faiss"], lambda path: faiss.write_index(self._index, str(path)))
+        atomic_write(directory / files["vectors"], self._write_vectors)
+        atomic_write(directory / files["metadata"], self._write_metadata)
         config = {"format_version": _FORMAT_VERSION, "size": len(self), "files": files, "config": self.get_config_dict()}
-        _atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+        atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
         for stale in directory.iterdir():
             if _SAVED_FILE.match(stale.name) and stale.name not in files.values():
                 try:  # an index loaded from the old files keeps its memory map; POSIX allows the unlink
@@ -502,16 +504,3 @@ def _sample_positions(size: int, nlist: int) -> np.ndarray:
 
 def _training_sample(vectors: np.ndarray, nlist: int) -> np.ndarray:
     return np.asarray(vectors[_sample_positions(len(vectors), nlist)], dtype=np.float32)
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temp file in the same folder, fsync it, then rename it over `path`."""
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(temp)
-        with temp.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
