@@ -81,8 +81,9 @@ def test_encode_npy_equals_model_encode_and_other_formats(make_encoder, tmp_path
     model, path = saved_model(make_encoder, tmp_path)
     csv_path = write_csv(tmp_path / "reports.csv")
     result = run_cli("encode", "--csv", str(csv_path), "--column", "findings", "--model", path,
-                     "--instruction", INSTRUCTION, "--output", str(tmp_path / "emb.npy"), "--json")
+                     "--instruction", INSTRUCTION, "--output", str(tmp_path / "emb.npy"), "--json", "--chunk-size", "2")
     assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "emb.npy.chunks").exists()  # the resumable chunk files are removed once joined
     texts = [row[1] for row in CSV_ROWS if row[1]]
     expected = model.encode(texts, instruction=INSTRUCTION, convert_to_numpy=True)
     np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), expected, rtol=1e-5, atol=1e-5)

@@ -5,23 +5,21 @@ import json
 import sys
 from pathlib import Path
 
+from .fileio import atomic_write
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def _load_text_encoder(model_path: str | None):
     """The checkpoint at `model_path`, else the default encoder shipped in the package."""
-    import transformers
-
     from . import LLM2Vec4CXRModel
     from .defaults import load_default_text_encoder
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # keep stderr for messages meant for the user
     if model_path is None:
-        return load_default_text_encoder()
+        return _quiet(load_default_text_encoder)
     if not Path(model_path).is_dir():
         raise FileNotFoundError(f"--model {model_path}: no such directory (give a saved LLM2Vec4CXR checkpoint).")
-    return LLM2Vec4CXRModel.from_pretrained(model_path).eval()
+    return _quiet(LLM2Vec4CXRModel.from_pretrained, model_path).eval()
 
 
 def _similarity(args) -> int:
@@ -39,25 +37,19 @@ def _similarity(args) -> int:
     return _emit(args, {"reports": reports, "cosine_similarity": scores}, "\n".join(lines))
 
 
-def _read_texts(path, column: str, id_column: str | None = None) -> tuple[list[str], list[str], list[dict]]:
-    """(ids, texts, rows) of the non-empty cells of `column`; ids from `id_column`, else row positions."""
-    from .data import read_reports_csv
+def _read_texts(path, column: str, id_column: str | None = None, extra_columns=()):
+    """The non-empty cells of `column` as a `datasets.Dataset` with columns id, text and `extra_columns`."""
+    from .embedding import load_text_dataset
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"--csv {path}: no such file.")
-    rows = read_reports_csv(path, text_columns=(column,), id_column=id_column or column)
-    rows = [row for row in rows if row[column]]
-    if not rows:
-        raise ValueError(f"{path}: column {column!r} has no non-empty text.")
-    ids = [row[id_column] for row in rows] if id_column else [str(i) for i in range(len(rows))]
-    if id_column and len(set(ids)) != len(ids):
-        repeated = next(id_ for id_ in ids if ids.count(id_) > 1)
-        raise ValueError(f"{path}: --id-column {id_column!r} repeats the id {repeated!r}; ids must be unique.")
-    return ids, [row[column] for row in rows], rows
+    return load_text_dataset(path, column, id_column, extra_columns)
 
 
-def _input_texts(args) -> tuple[list[str], list[str], list[dict]]:
-    """Texts from the positional arguments or from `--csv FILE --column COL`."""
+def _input_texts(args):
+    """Texts from the positional arguments or from `--csv FILE --column COL`, as a `datasets.Dataset`."""
+    import datasets
+
     if args.csv:
         if args.texts:
             raise ValueError("give texts as arguments or with --csv, not both.")
@@ -65,14 +57,27 @@ def _input_texts(args) -> tuple[list[str], list[str], list[dict]]:
     texts = [text for text in args.texts if text.strip()]
     if not texts:
         raise ValueError("no input text: give texts as arguments or --csv FILE --column COL.")
-    return [str(i) for i in range(len(texts))], texts, [{} for _ in texts]
+    return datasets.Dataset.from_dict({"id": [str(i) for i in range(len(texts))], "text": texts})
+
+
+def _embed_collection(dataset, encode, args, work_dir: Path, encoder_name: str):
+    """Embed `dataset["text"]` in resumable chunks under `work_dir` (removed once the result is used)."""
+    from .embedding import embed_in_chunks
+
+    return embed_in_chunks(
+        dataset, encode, work_dir, chunk_size=args.chunk_size, encoder_name=encoder_name, progress=not args.json
+    )
+
+
+def _normalized_encoder(model, instruction, batch_size):
+    """texts -> float32 (n, d) L2-normalised embeddings (the cosine space `similarity` also uses)."""
+    from .evaluation.report_tasks import llm2vec_encoder
+
+    return llm2vec_encoder(model, instruction=instruction, batch_size=batch_size)
 
 
 def _embed(model, texts, instruction, batch_size):
-    """float32 (n, d) L2-normalised embeddings (the cosine space that `similarity` also uses)."""
-    from .evaluation.report_tasks import llm2vec_encoder
-
-    return llm2vec_encoder(model, instruction=instruction, batch_size=batch_size)(texts)
+    return _normalized_encoder(model, instruction, batch_size)(texts)
 
 
 def _emit(args, payload: dict, text: str) -> int:
@@ -89,37 +94,66 @@ _EMBEDDING_SUFFIXES = (".npy", ".safetensors", ".parquet")
 
 
 def _encode(args) -> int:
-    import numpy as np
+    import shutil
 
     output = Path(args.output)
     if output.suffix not in _EMBEDDING_SUFFIXES:
         raise ValueError(f"--output {output}: the suffix must be one of {_EMBEDDING_SUFFIXES}, got {output.suffix!r}.")
-    ids, texts, _ = _input_texts(args)
+    dataset = _input_texts(args)
     model = _load_text_encoder(args.model)
-    embeddings = model.encode(texts, instruction=args.instruction, batch_size=args.batch_size, convert_to_numpy=True)
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if output.suffix == ".npy":
-        np.save(output, embeddings)
-    elif output.suffix == ".safetensors":
-        from safetensors.numpy import save_file
 
-        save_file({"embeddings": embeddings}, str(output), metadata={"ids": json.dumps(ids)})
-    else:
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError as error:
-            raise ImportError("Writing .parquet needs pyarrow: `pip install pyarrow`.") from error
-        table = pa.table({"id": ids, "text": texts, "embedding": list(embeddings)})
-        pq.write_table(table, output)
-    summary = {"output": str(output), "num_texts": len(texts), "dim": int(embeddings.shape[1])}
-    print(json.dumps(summary) if args.json else f"wrote {len(texts)} x {embeddings.shape[1]} embeddings to {output}")
+    def encode(texts):
+        return model.encode(
+            texts, instruction=args.instruction, batch_size=args.batch_size, convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+
+    work_dir = _work_dir(args, output)
+    embeddings = _embed_collection(dataset, encode, args, work_dir, _encoder_name(args))
+    _write_embeddings(output, embeddings, dataset)
+    dim = int(embeddings.shape[1])
+    del embeddings  # release the memory map before its folder goes
+    shutil.rmtree(work_dir)
+    summary = {"output": str(output), "num_texts": len(dataset), "dim": dim}
+    print(json.dumps(summary) if args.json else f"wrote {len(dataset)} x {dim} embeddings to {output}")
     return EXIT_OK
 
 
+def _write_embeddings(output: Path, embeddings, dataset) -> None:
+    """Write `embeddings` (rows of `dataset`) in the format of `output`'s suffix, atomically."""
+    import numpy as np
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".npy":
+        atomic_write(output, lambda path: np.save(path, embeddings))
+    elif output.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        array, metadata = np.ascontiguousarray(embeddings), {"ids": json.dumps(list(dataset["id"]))}
+        atomic_write(output, lambda path: save_file({"embeddings": array}, str(path), metadata=metadata))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = {"id": list(dataset["id"]), "text": list(dataset["text"]), "embedding": list(np.asarray(embeddings))}
+        table = pa.table(columns)
+        atomic_write(output, lambda path: pq.write_table(table, path))
+
+
+def _work_dir(args, output: Path) -> Path:
+    """Where chunks are kept until the run completes: --work-dir, else `<output>.chunks` beside the output."""
+    return Path(args.work_dir) if args.work_dir else output.with_name(output.name + ".chunks")
+
+
+def _encoder_name(args) -> str:
+    """What the embeddings depend on besides the texts; a resumed run must match it."""
+    model = str(Path(args.model).resolve()) if args.model else "default"
+    return json.dumps({"model": model, "instruction": args.instruction, "normalized": args.command != "encode"})
+
+
 def _similar(args) -> int:
-    ids, texts, _ = _read_texts(args.csv, args.column, args.id_column)
+    dataset = _read_texts(args.csv, args.column, args.id_column)
+    ids, texts = list(dataset["id"]), list(dataset["text"])
     if not args.query.strip():
         raise ValueError("the query is empty.")
     model = _load_text_encoder(args.model)
@@ -135,22 +169,27 @@ _INDEX_ENCODER_FILE = "encoder.json"  # beside the index: the model and instruct
 
 
 def _index_build(args) -> int:
-    from .index import EmbeddingIndex, _atomic_write
+    import shutil
 
-    ids, texts, rows = _read_texts(args.csv, args.column, args.id_column)
-    missing = [column for column in args.metadata_column if column not in rows[0]]
-    if missing:
-        raise ValueError(f"{args.csv} has no column(s) {missing} (from --metadata-column).")
+    from .index import EmbeddingIndex
+
+    dataset = _read_texts(args.csv, args.column, args.id_column, extra_columns=args.metadata_column)
     model = _load_text_encoder(args.model)
-    embeddings = _embed(model, texts, args.instruction, args.batch_size)
+    encode = _normalized_encoder(model, args.instruction, args.batch_size)
+    output = Path(args.output)
+    work_dir = _work_dir(args, output)
+    embeddings = _embed_collection(dataset, encode, args, work_dir, _encoder_name(args))
     index = EmbeddingIndex(dim=embeddings.shape[1], kind=args.kind)
-    metadata = [{"text": text, **{column: row[column] for column in args.metadata_column}} for text, row in zip(texts, rows)]
-    index.add(embeddings, ids=ids, metadata=metadata)
-    index.save(args.output)
+    metadata = dataset.select_columns(["text", *args.metadata_column]).to_list()
+    index.add(embeddings, ids=list(dataset["id"]), metadata=metadata)
+    index.save(output)
+    dim = index.dim
+    del index, embeddings  # the index referenced the memory-mapped chunks until save() copied them
+    shutil.rmtree(work_dir)
     encoder = {"model": str(Path(args.model).resolve()) if args.model else None, "instruction": args.instruction}
-    _atomic_write(Path(args.output) / _INDEX_ENCODER_FILE, lambda path: path.write_text(json.dumps(encoder) + "\n"))
-    summary = {"index": str(args.output), "size": len(index), "dim": index.dim, "kind": args.kind}
-    print(json.dumps(summary) if args.json else f"indexed {len(index)} reports ({args.kind}, dim {index.dim}) in {args.output}")
+    atomic_write(output / _INDEX_ENCODER_FILE, lambda path: path.write_text(json.dumps(encoder) + "\n"))
+    summary = {"index": str(output), "size": len(dataset), "dim": dim, "kind": args.kind}
+    print(json.dumps(summary) if args.json else f"indexed {len(dataset)} reports ({args.kind}) in {output}")
     return EXIT_OK
 
 
@@ -180,6 +219,58 @@ def _index_search(args) -> int:
         lines += [f"{rank:>3}. {hit['score']:.3f}  [{hit['id']}] {(hit['metadata'] or {}).get('text', '')}"
                   for rank, hit in enumerate(entry["hits"], 1)]
     return _emit(args, payload, "\n".join(lines))
+
+
+def _retrieve_image_to_report(args) -> int:
+    from .retrieval import find_images, image_encoder, load_clip_model, rank, report_encoder
+
+    images = find_images(args.images)
+    dataset = _read_texts(args.csv, args.column, args.id_column)
+    ids, texts = list(dataset["id"]), list(dataset["text"])
+    model, processor = _quiet(load_clip_model, args.model)
+    reports = report_encoder(model, processor, args.instruction, args.batch_size)(texts)
+    order, scores = rank(image_encoder(model, processor, args.batch_size)(images), reports, args.top_k)
+    payload = {"results": [
+        {"image": str(image), "hits": [{"rank": r, "id": ids[i], "score": float(s), "text": texts[i]}
+                                       for r, (i, s) in enumerate(zip(row, row_scores), 1)]}
+        for image, row, row_scores in zip(images, order, scores)
+    ]}
+    lines = []
+    for entry in payload["results"]:
+        lines.append(f"image: {entry['image']}")
+        lines += [f"{hit['rank']:>3}. {hit['score']:.3f}  [{hit['id']}] {hit['text']}" for hit in entry["hits"]]
+    return _emit(args, payload, "\n".join(lines))
+
+
+def _retrieve_report_to_image(args) -> int:
+    from .retrieval import find_images, image_encoder, load_clip_model, rank, report_encoder
+
+    queries = [query for query in args.queries if query.strip()]
+    if not queries:
+        raise ValueError("no query report given.")
+    images = find_images(args.images)
+    model, processor = _quiet(load_clip_model, args.model)
+    corpus = image_encoder(model, processor, args.batch_size)(images)
+    order, scores = rank(report_encoder(model, processor, args.instruction, args.batch_size)(queries), corpus, args.top_k)
+    payload = {"results": [
+        {"query": query, "hits": [{"rank": r, "image": str(images[i]), "score": float(s)}
+                                  for r, (i, s) in enumerate(zip(row, row_scores), 1)]}
+        for query, row, row_scores in zip(queries, order, scores)
+    ]}
+    lines = []
+    for entry in payload["results"]:
+        lines.append(f"query: {entry['query']}")
+        lines += [f"{hit['rank']:>3}. {hit['score']:.3f}  {hit['image']}" for hit in entry["hits"]]
+    return _emit(args, payload, "\n".join(lines))
+
+
+def _quiet(load, *args):
+    """Call a model loader with transformers' logging and progress bars off (stderr is for the user)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return load(*args)
 
 
 def _eval(args) -> int:
@@ -249,6 +340,16 @@ def _add_model_options(parser, instruction_help="instruction prepended to every 
     parser.add_argument("--batch-size", type=int, default=32)
 
 
+def _add_chunk_options(parser):
+    parser.add_argument(
+        "--chunk-size", type=int, default=10_000,
+        help="texts per chunk file: a killed run resumes from its finished chunks (default: 10000)",
+    )
+    parser.add_argument(
+        "--work-dir", help="folder for the chunk files until the run completes (default: OUTPUT.chunks beside --output)"
+    )
+
+
 def _add_csv_options(parser, required: bool):
     parser.add_argument("--csv", required=required, help="a UTF-8 CSV file with a header row")
     parser.add_argument("--column", default="findings", help="the CSV column holding the report texts (default: findings)")
@@ -288,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_csv_options(encode, required=False)
     encode.add_argument("--output", required=True, help="the embeddings file: .npy, .safetensors or .parquet")
     _add_model_options(encode)
+    _add_chunk_options(encode)
     encode.add_argument("--json", action="store_true", help="print a JSON summary")
     encode.set_defaults(handler=_encode)
 
@@ -315,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--kind", choices=("flat", "hnsw", "ivf"), default="flat", help="FAISS index kind (default: flat, exact)")
     build.add_argument("--metadata-column", action="append", default=[], help="a CSV column to store as metadata (repeatable)")
     _add_model_options(build)
+    _add_chunk_options(build)
     build.add_argument("--json", action="store_true", help="print a JSON summary")
     build.set_defaults(handler=_index_build)
     search = index_commands.add_parser(
@@ -327,6 +430,34 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print JSON for machines")
     search.add_argument("--output", help="write the result to this file instead of stdout")
     search.set_defaults(handler=_index_search)
+
+    retrieve = commands.add_parser(
+        "retrieve", help="image -> report and report -> image retrieval (LLM2CLIP4CXR)",
+        description="Rank reports for chest X-rays, or chest X-rays for reports, with an LLM2CLIP4CXR checkpoint "
+        "(exact cosine similarity; for large collections build an index).",
+    )
+    directions = retrieve.add_subparsers(dest="direction", required=True)
+    to_report = directions.add_parser(
+        "image-to-report", help="the reports of a CSV column closest to each image",
+        description="For each image (PNG, JPEG or DICOM; folders are searched recursively), the top-k reports.",
+    )
+    to_report.add_argument("images", nargs="+", help="image files or folders")
+    _add_csv_options(to_report, required=True)
+    to_report.set_defaults(handler=_retrieve_image_to_report)
+    to_image = directions.add_parser(
+        "report-to-image", help="the images closest to each query report",
+        description="For each query report, the top-k images among --images (files or folders, searched recursively).",
+    )
+    to_image.add_argument("queries", nargs="+", help="query report texts")
+    to_image.add_argument("--images", nargs="+", required=True, help="image files or folders to search")
+    to_image.set_defaults(handler=_retrieve_report_to_image)
+    for direction in (to_report, to_image):
+        direction.add_argument("--model", required=True, help="a saved LLM2CLIP4CXR checkpoint directory")
+        direction.add_argument("--instruction", default=None, help="instruction prepended to the reports (default: none)")
+        direction.add_argument("--batch-size", type=int, default=16)
+        direction.add_argument("--top-k", type=int, default=5)
+        direction.add_argument("--json", action="store_true", help="print JSON for machines")
+        direction.add_argument("--output", help="write the result to this file instead of stdout")
 
     from .evaluation.harness import TASKS  # light: numpy only
 
