@@ -1,0 +1,111 @@
+"""Image <-> report retrieval with an LLM2CLIP4CXR model.
+
+`image_encoder` / `report_encoder` turn an `LLM2CLIP4CXRModel` and its processor into callables that map
+a list of image paths (PNG, JPEG or DICOM, read by `llm2clip4cxr.imaging.load_image`) or report texts to
+L2-normalised float32 arrays in the shared embedding space, so their dot products are the cosine
+similarities the model's `logits_per_image` scales. They plug into `embed_in_chunks` for collections
+and into `EmbeddingIndex` for search at scale; `rank` is the exact top-k for small collections.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["IMAGE_SUFFIXES", "find_images", "image_encoder", "load_clip_model", "rank", "report_encoder"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+
+
+def load_clip_model(path: str | os.PathLike):
+    """(model, processor) of a saved LLM2CLIP4CXR checkpoint folder, in eval mode.
+
+    Raises:
+        FileNotFoundError: `path` is not a directory.
+        ValueError: the folder holds another kind of model.
+    """
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory (give a saved LLM2CLIP4CXR checkpoint).")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "llm2clip4cxr":
+        raise ValueError(
+            f"{path} holds a {config.model_type!r} model; image-report retrieval needs an LLM2CLIP4CXR checkpoint "
+            "(model_type 'llm2clip4cxr'), e.g. one written by training/train_clip.py."
+        )
+    return AutoModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """The image files among `paths`, folders searched recursively (sorted), files kept in the given order.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: no image file was found.
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such image file or folder.")
+    if not found:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {[str(p) for p in paths]}.")
+    return found
+
+
+def image_encoder(model, processor, batch_size: int = 16) -> Callable[[Sequence], np.ndarray]:
+    """A callable: image paths (or arrays / PIL images) -> `(n, projection_dim)` L2-normalised float32."""
+    from .imaging import load_image
+
+    @torch.inference_mode()
+    def encode(images: Sequence) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            batch = [load_image(image) if isinstance(image, (str, os.PathLike)) else image
+                     for image in images[start : start + batch_size]]
+            pixel_values = processor(images=batch)["pixel_values"].to(device=model.device, dtype=model.dtype)
+            outputs.append(_normalized(model.get_image_features(pixel_values=pixel_values).pooler_output))
+        return np.concatenate(outputs)
+
+    return encode
+
+
+def report_encoder(model, processor, instruction: str | None = None, batch_size: int = 32) -> Callable:
+    """A callable: report texts -> `(n, projection_dim)` L2-normalised float32 (the instruction is pooled out)."""
+
+    @torch.inference_mode()
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(texts), batch_size):
+            inputs = processor(text=list(texts[start : start + batch_size]), instruction=instruction).to(model.device)
+            outputs.append(_normalized(model.get_text_features(**inputs).pooler_output))
+        return np.concatenate(outputs)
+
+    return encode
+
+
+def rank(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-`k` corpus rows for each query by inner product: `(indices, scores)`, each `(q, k)`.
+
+    Ties keep the lower corpus index first, so results do not depend on the BLAS build.
+    """
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}.")
+    scores = np.asarray(queries, dtype=np.float32) @ np.asarray(corpus, dtype=np.float32).T
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+def _normalized(features: torch.Tensor) -> np.ndarray:
+    return F.normalize(features.float(), dim=-1).cpu().numpy()
