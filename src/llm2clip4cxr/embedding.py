@@ -50,6 +50,20 @@ def load_text_dataset(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
+    # Reading and filtering are quick next to encoding, whose own bar shows progress; datasets' bars
+    # for each of its steps would only bury it.
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return _load_text_dataset(path, column, id_column, extra_columns)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _load_text_dataset(path: Path, column: str, id_column: str | None, extra_columns: Sequence[str]):
+    import datasets
+
     builders = {".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
     if path.suffix not in builders:
         raise ValueError(f"{path}: expected a .csv, .parquet or .jsonl file, got {path.suffix!r}.")
