@@ -4,7 +4,8 @@ NO REAL PAIRED DATA SHIPS WITH THIS PROJECT: the Open-I reports beside it come w
 so this recipe has only been run on fabricated pairings (the smoke test gives the sample X-rays made-up
 reports). Bring your own image-report pairs (e.g. MIMIC-CXR under its licence).
 
-Data: a CSV or JSONL file with an `image` column (path, relative to the data file's folder unless
+Data: a folder written by `llm2clip4cxr prepare` (its train split; see docs/data.md), or a CSV or JSONL
+file with an `image` column (path, relative to the data file's folder unless
 absolute; PNG/JPEG/DICOM, read with `llm2clip4cxr.imaging.load_image`), `findings` and/or `impression`
 columns and an optional integer `label` (class id, 0 = normal) for `--sup_con_weight` / `--bce_weight`.
 
@@ -45,7 +46,8 @@ from llm2clip4cxr.text_training import last_complete_checkpoint, parse_recipe_ar
 
 @dataclass
 class RecipeArguments:
-    data: str = field(metadata={"help": "CSV or JSONL with image, findings/impression[, label] columns"})
+    data: str = field(metadata={"help": "CSV or JSONL with image, findings/impression[, label] columns, or a folder "
+                                        "written by `llm2clip4cxr prepare` (its train split)"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "LLM2CLIP4CXR checkpoint to continue"})
     text_model_name_or_path: str | None = field(default=None, metadata={"help": "LLM2Vec4CXR checkpoint (new model)"})
     vision: str | None = field(default=None, metadata={"help": "vision checkpoint folder, or a vision config JSON file (random init)"})
@@ -81,12 +83,19 @@ class RecipeArguments:
 def read_rows(path: str) -> list[dict]:
     """Rows of the data file, image paths made absolute (relative ones are relative to the file)."""
     path = Path(path)
-    if path.suffix == ".jsonl":
+    if path.is_dir():  # a prepared folder: load_prepared gives absolute image paths
+        from llm2clip4cxr.data import load_prepared
+
+        rows = load_prepared(path, split="train").to_list()
+        if rows and "image" not in rows[0]:
+            raise ValueError(f"{path} has no `image` column (prepared with --unit study or --text-only); "
+                             "CLIP training needs one row per image: prepare it with --unit image.")
+    elif path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif path.suffix == ".csv":
         rows = datasets.Dataset.from_csv(str(path), keep_in_memory=True).to_list()
     else:
-        raise ValueError(f"--data must be a .csv or .jsonl file, got {path.name!r}.")
+        raise ValueError(f"--data must be a .csv or .jsonl file or a prepared folder, got {path.name!r}.")
     if not rows or "image" not in rows[0] or not {"findings", "impression"} & rows[0].keys():
         raise ValueError(f"{path} needs an `image` column and `findings` and/or `impression`; got {sorted(rows[0]) if rows else 'no rows'}.")
     for index, row in enumerate(rows):

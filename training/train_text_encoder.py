@@ -9,6 +9,8 @@ line or in a YAML file:
     # 2. supervised contrastive on report variants built on the fly (or --pairs triplets.jsonl)
     python training/train_text_encoder.py --stage contrastive --model_name_or_path runs/mntp/model \
         --reports ../shared/data/openi/reports.csv --output_dir runs/contrastive --max_steps 500
+    # or train on a folder written by `llm2clip4cxr prepare` (its own train/validation split)
+    python training/train_text_encoder.py --stage mntp --model_name_or_path runs/init --data prepared/mimic ...
     # resume an interrupted run from its last complete checkpoint: add --resume
 
 `--model_name_or_path` is an LLM2Vec4CXR checkpoint, or any Llama/Mistral/Qwen2/Qwen3 decoder (its
@@ -45,6 +47,8 @@ class RecipeArguments:
     stage: str = field(metadata={"help": "mntp, contrastive (report variants / pairs) or simcse (unsupervised)"})
     model_name_or_path: str = field(metadata={"help": "LLM2Vec4CXR checkpoint or decoder LLM folder/Hub id"})
     reports: str | None = field(default=None, metadata={"help": "report CSV (findings/impression columns)"})
+    data: str | None = field(default=None, metadata={"help": "a folder written by `llm2clip4cxr prepare` (instead of --reports): "
+                                                       "its train split trains, its validation split validates"})
     report_columns: str = field(default="findings,impression", metadata={"help": "CSV text columns, comma-separated"})
     pairs: str | None = field(default=None, metadata={"help": "JSONL of anchor/positive[/negative] (e.g. LLM-made variants)"})
     validation_fraction: float = field(default=0.1, metadata={"help": "reports held out by study id (seeded)"})
@@ -74,10 +78,40 @@ def report_texts(rows: list[dict], columns: list[str]) -> list[str]:
     return [" ".join(row[column] for column in columns if row.get(column)) for row in rows]
 
 
+def prepared_report_rows(path: str, columns: list[str]) -> tuple[list[dict], list[dict]]:
+    """(train, validation) report rows of a prepared folder, one per study (a per-image folder repeats a study's
+    report for each of its images) and with text in at least one of `columns`."""
+    from llm2clip4cxr.data import load_prepared
+
+    splits = []
+    for split in ("train", "validation"):
+        try:
+            dataset = load_prepared(path, split=split)
+        except ValueError:  # no rows in this split
+            splits.append([])
+            continue
+        missing = [column for column in columns if column not in dataset.column_names]
+        if missing:
+            raise ValueError(f"{path} has no column(s) {missing}; its columns are {dataset.column_names}.")
+        seen, rows = set(), []
+        for row in dataset.select_columns(["study_id", *columns]).to_list():
+            if row["study_id"] not in seen and any(row[column] for column in columns):
+                seen.add(row["study_id"])
+                rows.append({column: row[column] or "" for column in columns})
+        splits.append(rows)
+    return splits[0], splits[1]
+
+
 def build_datasets(args: RecipeArguments, seed: int):
     columns = [column.strip() for column in args.report_columns.split(",")]
-    rows = read_reports_csv(args.reports, text_columns=columns) if args.reports else []
-    train_rows, validation_rows = split_by_study(rows, args.validation_fraction, seed) if rows else ([], [])
+    if args.data and args.reports:
+        raise ValueError("Pass --data (a prepared folder) or --reports (a CSV), not both.")
+    if args.data:  # the prepared folder's own (official or patient-level) split
+        train_rows, validation_rows = prepared_report_rows(args.data, columns)
+        rows = train_rows + validation_rows
+    else:
+        rows = read_reports_csv(args.reports, text_columns=columns) if args.reports else []
+        train_rows, validation_rows = split_by_study(rows, args.validation_fraction, seed) if rows else ([], [])
     if args.stage == "mntp":
         if not rows:
             raise ValueError("--stage mntp needs --reports (a CSV of report text).")

@@ -65,3 +65,44 @@ def split_by_study(rows: list[dict], fraction: float = DEFAULT_VALIDATION_FRACTI
     order = torch.randperm(len(rows), generator=generator).tolist()
     held_out = set(order[: int(round(fraction * len(rows)))])
     return [row for i, row in enumerate(rows) if i not in held_out], [row for i, row in enumerate(rows) if i in held_out]
+
+
+def load_prepared(path, split: str = "train", streaming: bool = False, image_root=None):
+    """A split of a folder written by `llm2clip4cxr prepare` as a `datasets.Dataset` (or, with
+    `streaming=True`, an `IterableDataset` that reads the parquet shards lazily, for large corpora).
+
+    Image paths (`image`, or `images` in per-study datasets) come back absolute: relative to the prepared
+    folder for resized images, else to the source folder recorded at prepare time (`image_root` overrides
+    it, e.g. after the source folder moved).
+
+    Raises:
+        FileNotFoundError: `path` is not a completely prepared folder.
+        ValueError: the folder has no rows in `split` (the message lists the splits it has).
+    """
+    import json
+
+    import datasets
+
+    from .prepare import MANIFEST, SUMMARY
+
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path}: not a prepared dataset folder (no {MANIFEST}); run `llm2clip4cxr prepare`.")
+    if not (path / SUMMARY).is_file():
+        raise FileNotFoundError(f"{path}: its prepare run did not finish (no {SUMMARY}); rerun the same "
+                                "`llm2clip4cxr prepare` command to resume it.")
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    files = sorted(str(file) for file in (path / "data").glob(f"{split}-*.parquet"))
+    if not files:
+        rows = json.loads((path / SUMMARY).read_text(encoding="utf-8"))["rows"]
+        raise ValueError(f"{path} has no rows in split {split!r}; its rows per split: {rows}.")
+    dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
+    base = path.resolve() if manifest["image_root"] == "." else Path(manifest["image_root"])
+    base = str(Path(image_root).resolve() if image_root is not None else base)
+    if "image" in dataset.column_names:
+        return dataset.map(lambda batch: {"image": [os.path.join(base, p) for p in batch["image"]]}, batched=True)
+    if "images" in dataset.column_names:
+        return dataset.map(
+            lambda batch: {"images": [[os.path.join(base, p) for p in ps] for ps in batch["images"]]}, batched=True
+        )
+    return dataset
