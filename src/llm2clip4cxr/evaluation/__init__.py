@@ -10,10 +10,12 @@ from .metrics import (
     relevant_with_duplicates,
     retrieval_metrics,
 )
+from .st_evaluator import findings_to_impression_evaluator
 
 __all__ = [
     "DUPLICATE_RULES",
     "DuplicateResolution",
+    "findings_to_impression_evaluator",
     "first_relevant_ranks",
     "metrics_from_ranks",
     "normalize_report_text",
