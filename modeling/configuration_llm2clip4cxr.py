@@ -9,11 +9,12 @@ import math
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .configuration_eva02 import EVA02VisionConfig
 from .configuration_llm2vec4cxr import LLM2Vec4CXRConfig, build_sub_config
 
 # Vision towers whose `AutoModel` returns a `pooler_output` of `hidden_size`, the only interface the image
-# side relies on.
-SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model", "dinov2", "vit")
+# side relies on. EVA02 (the published LLM2CLIP4CXR's tower) is ours, registered by its configuration file.
+SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model", "dinov2", "vit", EVA02VisionConfig.model_type)
 
 
 class LLM2CLIP4CXRConfig(PreTrainedConfig):
@@ -37,6 +38,9 @@ class LLM2CLIP4CXRConfig(PreTrainedConfig):
             when used, as CLIP does during training.
         initializer_factor (`float`, *optional*, defaults to 1.0):
             Multiplier of the standard deviation used to initialise the projections.
+        visual_projection_bias (`bool`, *optional*, defaults to `False`):
+            Whether the image projection has a bias: CLIP's has none, the EVA-CLIP head of the published
+            LLM2CLIP4CXR has one.
     """
 
     model_type = "llm2clip4cxr"
@@ -53,6 +57,7 @@ class LLM2CLIP4CXRConfig(PreTrainedConfig):
         logit_scale_init_value: float = math.log(1 / 0.07),
         logit_scale_max: float = 100.0,
         initializer_factor: float = 1.0,
+        visual_projection_bias: bool = False,
         **kwargs,
     ):
         self.text_config = self._build_text_config(text_config)
@@ -70,6 +75,7 @@ class LLM2CLIP4CXRConfig(PreTrainedConfig):
         self.logit_scale_init_value = float(logit_scale_init_value)
         self.logit_scale_max = float(logit_scale_max)
         self.initializer_factor = initializer_factor
+        self.visual_projection_bias = bool(visual_projection_bias)
         # Without it, PreTrainedConfig.__init__ sets every sub-config's attention implementation to None; a
         # sub-config shared with an already built tower (`text_config=encoder.config`) would then make that
         # tower skip its attention mask. An empty per-sub-config dict leaves each as it is.

@@ -20,7 +20,8 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.utils import ModelOutput, logging
 
 from .configuration_llm2clip4cxr import LLM2CLIP4CXRConfig
-from .modeling_llm2vec4cxr import LLM2Vec4CXRModel
+from .modeling_eva02 import EVA02VisionModel
+from .modeling_llm2vec4cxr import LLM2Vec4CXRModel, from_pretrained_strict
 
 logger = logging.get_logger(__name__)
 
@@ -94,13 +95,15 @@ class LLM2CLIP4CXRPreTrainedModel(PreTrainedModel):
             init.normal_(module.text_projection[1].weight, std=module.text_embed_dim**-0.5 * factor)
             init.zeros_(module.text_projection[1].bias)
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5 * factor)
+            if module.visual_projection.bias is not None:
+                init.zeros_(module.visual_projection.bias)
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
 
 
 class LLM2CLIP4CXRModel(LLM2CLIP4CXRPreTrainedModel):
     """An [`LLM2Vec4CXRModel`] text tower (`text_model`) and a vision tower (`vision_model`), each projected
     into a shared `projection_dim` space: text through LayerNorm -> Linear (as the published LLM2CLIP),
-    images through a bias-free Linear (as CLIP).
+    images through a Linear (bias-free as CLIP unless `config.visual_projection_bias`, as EVA-CLIP's head).
 
     Args:
         config (`LLM2CLIP4CXRConfig`): the configuration; the towers are built from its sub-configs
@@ -119,7 +122,14 @@ class LLM2CLIP4CXRModel(LLM2CLIP4CXRPreTrainedModel):
         if text_model is not None and not isinstance(text_model, LLM2Vec4CXRModel):
             raise TypeError(f"`text_model` must be an LLM2Vec4CXRModel, got {type(text_model).__name__}.")
         self.text_model = text_model if text_model is not None else LLM2Vec4CXRModel._from_config(config.text_config)
-        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        if vision_model is None:
+            # EVA02 by model type, not through AutoModel: remote code may load the config and the model from
+            # two copies of configuration_eva02.py, whose config classes then differ.
+            if config.vision_config.model_type == EVA02VisionModel.config_class.model_type:
+                vision_model = EVA02VisionModel(config.vision_config)
+            else:
+                vision_model = AutoModel.from_config(config.vision_config)
+        self.vision_model = vision_model
         # One config object per tower, so that changes through either path stay in sync; a given tower keeps
         # the attention implementation it was built with.
         for tower, sub_config in ((self.text_model, config.text_config), (self.vision_model, config.vision_config)):
@@ -131,7 +141,9 @@ class LLM2CLIP4CXRModel(LLM2CLIP4CXRPreTrainedModel):
         self.text_projection = nn.Sequential(
             nn.LayerNorm(self.text_embed_dim), nn.Linear(self.text_embed_dim, config.projection_dim)
         )
-        self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
+        self.visual_projection = nn.Linear(
+            self.vision_embed_dim, config.projection_dim, bias=config.visual_projection_bias
+        )
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
 
@@ -239,6 +251,29 @@ class LLM2CLIP4CXRModel(LLM2CLIP4CXRPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a checkpoint; weights that do not match the config raise `CheckpointMismatchError` naming
+        the missing, unexpected and size-mismatched keys instead of being initialised at random."""
+        if os.path.isfile(pretrained_model_name_or_path):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is a file, not a checkpoint folder. A published LLM2CLIP4CXR "
+                "state dict must be converted first: `llm2clip4cxr convert llm2clip4cxr STATE_DICT OUTPUT_DIR "
+                "--text-model CONVERTED_LLM2VEC4CXR_DIR`."
+            )
+        want_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = from_pretrained_strict(
+            cls,
+            pretrained_model_name_or_path,
+            *model_args,
+            describe=lambda model: (
+                f"LLM2CLIP4CXRConfig(text pooling_mode={model.config.text_config.pooling_mode!r}, "
+                f"vision {model.config.vision_config.model_type!r}, projection_dim={model.config.projection_dim})"
+            ),
+            **kwargs,
+        )
+        return (model, loading_info) if want_loading_info else model
 
     @classmethod
     def from_text_vision_pretrained(

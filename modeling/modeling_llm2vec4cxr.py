@@ -158,10 +158,12 @@ def tokenize_reports(
     *,
     instruction_separator: str = DEFAULT_INSTRUCTION_SEPARATOR,
     max_seq_length: int = 512,
+    embed_mask_rule: str = "offsets",
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Tokenize reports as LLM2Vec4CXR expects them: `instruction.strip() + " " + report`, with `embed_mask`
-    covering only the report tokens. Reports longer than `max_seq_length` are cut at their end (the
-    instruction is always kept). `tokenizer` must have passed `prepare_report_tokenizer`.
+    covering only the report tokens (found as `embed_mask_rule` says, see `EMBED_MASK_RULES`). Reports
+    longer than `max_seq_length` are cut at their end (the instruction is always kept). `tokenizer` must
+    have passed `prepare_report_tokenizer`.
 
     Returns:
         A dict of `input_ids`, `attention_mask`, `embed_mask` of shape `(len(texts), longest)`, padded on the
@@ -185,12 +187,16 @@ def tokenize_reports(
     for index, (ids, offsets, special, start) in enumerate(
         zip(encoded["input_ids"], encoded["offset_mapping"], encoded["special_tokens_mask"], report_starts)
     ):
-        embed, seen_content = [], False
-        for (_, end), is_special in zip(offsets, special):
-            # A special token belongs to the report only after it (an appended eos), never before.
-            is_content = seen_content if is_special else end > start
-            seen_content = seen_content or is_content
-            embed.append(int(is_content))
+        if embed_mask_rule == "report_token_count":
+            count = min(len(tokenizer(pairs[index][1], add_special_tokens=False)["input_ids"]), len(ids))
+            embed = [0] * (len(ids) - count) + [1] * count
+        else:
+            embed, seen_content = [], False
+            for (_, end), is_special in zip(offsets, special):
+                # A special token belongs to the report only after it (an appended eos), never before.
+                is_content = seen_content if is_special else end > start
+                seen_content = seen_content or is_content
+                embed.append(int(is_content))
         if len(ids) > max_seq_length:
             truncated += 1
             num_trailing_special = 0
@@ -365,6 +371,7 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
             instruction,
             instruction_separator=self.config.instruction_separator,
             max_seq_length=self.config.max_seq_length,
+            embed_mask_rule=getattr(self.config, "embed_mask_rule", "offsets"),
         )
         return (batch, truncated) if return_truncated_count else batch
 
@@ -443,33 +450,23 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, tokenizer=None, **kwargs):
         """Load a checkpoint; unlike plain transformers, weights that do not match the config raise
         `CheckpointMismatchError` naming the keys instead of being initialised at random. The
-        checkpoint's tokenizer is attached as `model.tokenizer` (or pass `tokenizer=`)."""
+        checkpoint's tokenizer is attached as `model.tokenizer` (or pass `tokenizer=`).
+
+        A folder in the published LLM2Vec4CXR layout (a plain decoder `config.json`) raises a `ValueError`
+        telling to convert it with `llm2clip4cxr convert llm2vec4cxr`."""
+        if "config" not in kwargs:
+            _refuse_published_layout(pretrained_model_name_or_path, kwargs)
         want_loading_info = kwargs.pop("output_loading_info", False)
-        # Let transformers finish loading on a size mismatch so that every offending key can be named below.
-        kwargs.setdefault("ignore_mismatched_sizes", True)
-        model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        model, loading_info = from_pretrained_strict(
+            cls,
+            pretrained_model_name_or_path,
+            *model_args,
+            describe=lambda model: (
+                f"LLM2Vec4CXRConfig(pooling_mode={model.config.pooling_mode!r}, "
+                f"hidden_size={model.config.hidden_size})"
+            ),
+            **kwargs,
         )
-        problems = []
-        for kind in ("missing_keys", "unexpected_keys"):
-            keys = sorted(str(key) for key in loading_info.get(kind) or [])
-            if keys:
-                problems.append(f"{kind}: {', '.join(keys[:20])}" + (" ..." if len(keys) > 20 else ""))
-        mismatched = loading_info.get("mismatched_keys") or []
-        if mismatched:
-            shown = [
-                f"{key} (checkpoint {tuple(saved)} vs model {tuple(expected)})"
-                for key, saved, expected in (_as_triple(item) for item in sorted(mismatched, key=str)[:20])
-            ]
-            problems.append("mismatched_keys: " + ", ".join(shown))
-        if problems:
-            raise CheckpointMismatchError(
-                f"The checkpoint {pretrained_model_name_or_path} does not match LLM2Vec4CXRConfig("
-                f"pooling_mode={model.config.pooling_mode!r}, hidden_size={model.config.hidden_size}): "
-                + "; ".join(problems)
-                + ". Fix the config (pooling mode, sizes) to match the weights, or convert the checkpoint "
-                "with `llm2clip4cxr convert`."
-            )
         if tokenizer is None:
             tokenizer = _load_tokenizer_if_present(pretrained_model_name_or_path, kwargs)
         model.set_tokenizer(tokenizer)
@@ -484,6 +481,61 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
         write_sentence_transformers_layout(save_directory, self.config)
+
+
+def from_pretrained_strict(cls, pretrained_model_name_or_path, *model_args, describe, **kwargs):
+    """`PreTrainedModel.from_pretrained` of `cls`, raising `CheckpointMismatchError` naming every missing,
+    unexpected or size-mismatched key instead of initialising those weights at random.
+
+    Returns `(model, loading_info)`. `describe(model)` names the configuration in the error message.
+    """
+    kwargs.pop("output_loading_info", None)
+    # Let transformers finish loading on a size mismatch so that every offending key can be named below.
+    kwargs.setdefault("ignore_mismatched_sizes", True)
+    model, loading_info = PreTrainedModel.from_pretrained.__func__(
+        cls, pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+    )
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys"):
+        keys = sorted(str(key) for key in loading_info.get(kind) or [])
+        if keys:
+            problems.append(f"{kind}: {', '.join(keys[:20])}" + (" ..." if len(keys) > 20 else ""))
+    mismatched = loading_info.get("mismatched_keys") or []
+    if mismatched:
+        shown = [
+            f"{key} (checkpoint {tuple(saved)} vs model {tuple(expected)})"
+            for key, saved, expected in (_as_triple(item) for item in sorted(mismatched, key=str)[:20])
+        ]
+        problems.append("mismatched_keys: " + ", ".join(shown))
+    if problems:
+        raise CheckpointMismatchError(
+            f"The checkpoint {pretrained_model_name_or_path} does not match {describe(model)}: "
+            + "; ".join(problems)
+            + ". Fix the config (pooling mode, sizes) to match the weights, or convert the checkpoint "
+            "with `llm2clip4cxr convert`."
+        )
+    return model, loading_info
+
+
+def _refuse_published_layout(path, load_kwargs) -> None:
+    """The published LLM2Vec4CXR folder has a plain decoder config.json: loading it as this class would
+    build a default config and then fail on every key, so say what to do instead."""
+    hub_kwargs = {
+        key: load_kwargs[key]
+        for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+        if key in load_kwargs
+    }
+    config_file = cached_file(path, "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if config_file is None:
+        return
+    with open(config_file, encoding="utf-8") as handle:
+        model_type = json.load(handle).get("model_type")
+    if model_type != LLM2Vec4CXRConfig.model_type:
+        raise ValueError(
+            f"{path} is not an LLM2Vec4CXR checkpoint of this package (its config.json has model_type "
+            f"{model_type!r}). If it is the published LLM2Vec4CXR release (a plain decoder config with "
+            f"`latent_attn.*` weights), convert it first: `llm2clip4cxr convert llm2vec4cxr {path} OUTPUT_DIR`."
+        )
 
 
 def _as_triple(item):
@@ -549,8 +601,10 @@ class LLM2Vec4CXRSentenceEncoder(nn.Module):
         self.auto_model = model
 
     @classmethod
-    def load(cls, input_path):
-        return cls(LLM2Vec4CXRModel.from_pretrained(input_path))
+    def load(cls, input_path, **kwargs):
+        # This module is itself the checkpoint's remote code, which the user has already trusted; without
+        # the flag the tokenizer's AutoConfig lookup would prompt for the same code again.
+        return cls(LLM2Vec4CXRModel.from_pretrained(input_path, trust_remote_code=True))
 
     @property
     def tokenizer(self):

@@ -22,7 +22,7 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, ProcessorMixin
 from transformers.utils import is_numpy_array
 
-from .configuration_llm2vec4cxr import DEFAULT_INSTRUCTION_SEPARATOR
+from .configuration_llm2vec4cxr import DEFAULT_INSTRUCTION_SEPARATOR, EMBED_MASK_RULES
 from .modeling_llm2vec4cxr import prepare_report_tokenizer, tokenize_reports
 
 # PIL.Image.Resampling codes (what `resample` holds in transformers image processor configs) -> the
@@ -303,6 +303,8 @@ class LLM2CLIP4CXRProcessor(ProcessorMixin):
             The text tower's `config.instruction_separator`.
         max_seq_length (`int`, *optional*, defaults to 512):
             The text tower's `config.max_seq_length`.
+        embed_mask_rule (`str`, *optional*, defaults to `"offsets"`):
+            The text tower's `config.embed_mask_rule`.
     """
 
     def __init__(
@@ -311,6 +313,7 @@ class LLM2CLIP4CXRProcessor(ProcessorMixin):
         tokenizer=None,
         instruction_separator: str = DEFAULT_INSTRUCTION_SEPARATOR,
         max_seq_length: int = 512,
+        embed_mask_rule: str = "offsets",
         **kwargs,
     ):
         if not isinstance(instruction_separator, str) or not instruction_separator.strip():
@@ -319,8 +322,11 @@ class LLM2CLIP4CXRProcessor(ProcessorMixin):
             )
         if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 2:
             raise ValueError(f"`max_seq_length` must be an int of at least 2, got {max_seq_length!r}.")
+        if embed_mask_rule not in EMBED_MASK_RULES:
+            raise ValueError(f"`embed_mask_rule` must be one of {EMBED_MASK_RULES}, got {embed_mask_rule!r}.")
         self.instruction_separator = instruction_separator
         self.max_seq_length = max_seq_length
+        self.embed_mask_rule = embed_mask_rule
         super().__init__(image_processor, tokenizer, **kwargs)
         prepare_report_tokenizer(tokenizer, instruction_separator)
 
@@ -367,6 +373,7 @@ class LLM2CLIP4CXRProcessor(ProcessorMixin):
                 instruction,
                 instruction_separator=self.instruction_separator,
                 max_seq_length=self.max_seq_length,
+                embed_mask_rule=self.embed_mask_rule,
             )
             if truncated:
                 warnings.warn(

@@ -9,8 +9,10 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcesso
 
 from .defaults import default_model_path, load_default_text_encoder
 
+from .modeling.configuration_eva02 import EVA02VisionConfig
 from .modeling.configuration_llm2clip4cxr import LLM2CLIP4CXRConfig
 from .modeling.configuration_llm2vec4cxr import LLM2Vec4CXRConfig
+from .modeling.modeling_eva02 import EVA02VisionModel
 from .modeling.modeling_llm2clip4cxr import LLM2CLIP4CXRModel
 from .modeling.modeling_llm2vec4cxr import (
     CheckpointMismatchError,
@@ -37,6 +39,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointMismatchError",
+    "EVA02VisionConfig",
+    "EVA02VisionModel",
     "LLM2CLIP4CXRConfig",
     "LLM2CLIP4CXRImageProcessor",
     "LLM2CLIP4CXRModel",

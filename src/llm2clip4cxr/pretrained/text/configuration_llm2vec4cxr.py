@@ -16,6 +16,13 @@ POOLING_MODE_ALIASES = {"last_token": "eos", "lasttoken": "eos"}
 SUPPORTED_BACKBONES = ("llama", "mistral", "qwen2", "qwen3")
 # The separator of the published LLM2Vec4CXR: "instruction!@#$%^&*()report". The model never sees it.
 DEFAULT_INSTRUCTION_SEPARATOR = "!@#$%^&*()"
+# How `embed_mask` finds the report tokens after the instruction:
+# - "offsets": by character offsets, exactly the report's tokens (needs a fast tokenizer).
+# - "report_token_count": the last k tokens, k = the report's token count when tokenized alone. This is
+#   the published LLM2Vec4CXR's rule; it is off by a token or more when the report's first word splits
+#   differently after the instruction's space, and converted published checkpoints keep it so that they
+#   reproduce the original embeddings exactly.
+EMBED_MASK_RULES = ("offsets", "report_token_count")
 
 
 class LLM2Vec4CXRConfig(PreTrainedConfig):
@@ -45,6 +52,10 @@ class LLM2Vec4CXRConfig(PreTrainedConfig):
             Whether the backbone attends in both directions. Persisted as `backbone_config.is_causal`.
         instructions (`dict[str, str]`, *optional*):
             Named instructions, saved as sentence-transformers prompts.
+        embed_mask_rule (`str`, *optional*, defaults to `"offsets"`):
+            How the report's tokens are found after the instruction: `"offsets"` (exactly, by character
+            offsets) or `"report_token_count"` (the published LLM2Vec4CXR's rule, kept by converted
+            checkpoints; see `EMBED_MASK_RULES`).
     """
 
     model_type = "llm2vec4cxr"
@@ -62,6 +73,7 @@ class LLM2Vec4CXRConfig(PreTrainedConfig):
         normalize_embeddings: bool = False,
         bidirectional: bool = True,
         instructions: dict | None = None,
+        embed_mask_rule: str = "offsets",
         **kwargs,
     ):
         self.backbone_config = build_sub_config(
@@ -97,6 +109,9 @@ class LLM2Vec4CXRConfig(PreTrainedConfig):
         # what makes a reloaded checkpoint bidirectional (from_pretrained(is_causal=False) is dropped).
         self.backbone_config.is_causal = not bidirectional
         self.instructions = dict(instructions) if instructions else {}
+        if embed_mask_rule not in EMBED_MASK_RULES:
+            raise ValueError(f"`embed_mask_rule` must be one of {EMBED_MASK_RULES}, got {embed_mask_rule!r}.")
+        self.embed_mask_rule = embed_mask_rule
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -129,4 +144,7 @@ def build_sub_config(value, field: str, kind: str, supported, default_model_type
     return value
 
 
-__all__ = ["LLM2Vec4CXRConfig", "build_sub_config", "POOLING_MODES", "SUPPORTED_BACKBONES", "DEFAULT_INSTRUCTION_SEPARATOR"]
+__all__ = [
+    "LLM2Vec4CXRConfig", "build_sub_config", "POOLING_MODES", "SUPPORTED_BACKBONES", "DEFAULT_INSTRUCTION_SEPARATOR",
+    "EMBED_MASK_RULES",
+]
