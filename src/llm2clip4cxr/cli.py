@@ -230,16 +230,10 @@ def _retrieve_image_to_report(args) -> int:
     model, processor = _quiet(load_clip_model, args.model)
     reports = report_encoder(model, processor, args.instruction, args.batch_size)(texts)
     order, scores = rank(image_encoder(model, processor, args.batch_size)(images), reports, args.top_k)
-    payload = {"results": [
-        {"image": str(image), "hits": [{"rank": r, "id": ids[i], "score": float(s), "text": texts[i]}
-                                       for r, (i, s) in enumerate(zip(row, row_scores), 1)]}
-        for image, row, row_scores in zip(images, order, scores)
-    ]}
-    lines = []
-    for entry in payload["results"]:
-        lines.append(f"image: {entry['image']}")
-        lines += [f"{hit['rank']:>3}. {hit['score']:.3f}  [{hit['id']}] {hit['text']}" for hit in entry["hits"]]
-    return _emit(args, payload, "\n".join(lines))
+    return _emit_rankings(
+        args, "image", [str(image) for image in images], order, scores, lambda i: {"id": ids[i], "text": texts[i]},
+        lambda hit: f"[{hit['id']}] {hit['text']}",
+    )
 
 
 def _retrieve_report_to_image(args) -> int:
@@ -252,16 +246,21 @@ def _retrieve_report_to_image(args) -> int:
     model, processor = _quiet(load_clip_model, args.model)
     corpus = image_encoder(model, processor, args.batch_size)(images)
     order, scores = rank(report_encoder(model, processor, args.instruction, args.batch_size)(queries), corpus, args.top_k)
-    payload = {"results": [
-        {"query": query, "hits": [{"rank": r, "image": str(images[i]), "score": float(s)}
-                                  for r, (i, s) in enumerate(zip(row, row_scores), 1)]}
+    return _emit_rankings(args, "query", queries, order, scores, lambda i: {"image": str(images[i])}, lambda hit: hit["image"])
+
+
+def _emit_rankings(args, query_key, queries, order, scores, describe, text_of) -> int:
+    """Emit top-k results: JSON {"results": [{query_key: q, "hits": [{rank, score, **describe(i)}]}]} or lines."""
+    results = [
+        {query_key: query, "hits": [{"rank": rank, "score": float(score), **describe(i)}
+                                    for rank, (i, score) in enumerate(zip(row, row_scores), 1)]}
         for query, row, row_scores in zip(queries, order, scores)
-    ]}
+    ]
     lines = []
-    for entry in payload["results"]:
-        lines.append(f"query: {entry['query']}")
-        lines += [f"{hit['rank']:>3}. {hit['score']:.3f}  {hit['image']}" for hit in entry["hits"]]
-    return _emit(args, payload, "\n".join(lines))
+    for entry in results:
+        lines.append(f"{query_key}: {entry[query_key]}")
+        lines += [f"{hit['rank']:>3}. {hit['score']:.3f}  {text_of(hit)}" for hit in entry["hits"]]
+    return _emit(args, {"results": results}, "\n".join(lines))
 
 
 def _quiet(load, *args):

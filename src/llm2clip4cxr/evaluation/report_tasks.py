@@ -122,17 +122,23 @@ def tfidf_encoder(fit_texts: Sequence[str]) -> Encoder:
     return encode
 
 
-def findings_to_impression_retrieval(
-    encoder: Model, studies: Sequence[dict], duplicate_rule: str = "count_as_relevant", ks=(1, 5, 10)
-) -> dict[str, float]:
-    """Retrieve each study's impression from its findings. `studies`: dicts with `uid`, `findings`,
-    `impression` (studies missing either are skipped)."""
+def studies_with_findings_and_impression(studies: Sequence[dict]) -> tuple[list[dict], list[str]]:
+    """(studies having both sections, their `uid`s as strings); raises ValueError if none or uids repeat."""
     studies = [study for study in studies if study.get("findings") and study.get("impression")]
     if not studies:
         raise ValueError("No study has both findings and impression.")
     ids = [str(study["uid"]) for study in studies]
     if len(set(ids)) != len(ids):
         raise ValueError("Study `uid`s must be unique.")
+    return studies, ids
+
+
+def findings_to_impression_retrieval(
+    encoder: Model, studies: Sequence[dict], duplicate_rule: str = "count_as_relevant", ks=(1, 5, 10)
+) -> dict[str, float]:
+    """Retrieve each study's impression from its findings. `studies`: dicts with `uid`, `findings`,
+    `impression` (studies missing either are skipped)."""
+    studies, ids = studies_with_findings_and_impression(studies)
     resolution = relevant_with_duplicates(
         {uid: study["findings"] for uid, study in zip(ids, studies)},
         {uid: study["impression"] for uid, study in zip(ids, studies)},

@@ -12,6 +12,7 @@ breaks exact ties arbitrarily, where the harness breaks them pessimistically. Wi
 from collections.abc import Sequence
 
 from .metrics import relevant_with_duplicates
+from .report_tasks import studies_with_findings_and_impression
 
 __all__ = ["findings_to_impression_evaluator"]
 
@@ -43,12 +44,7 @@ def findings_to_impression_evaluator(
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.evaluation import InformationRetrievalEvaluator
 
-    studies = [study for study in studies if study.get("findings") and study.get("impression")]
-    if not studies:
-        raise ValueError("No study has both findings and impression.")
-    ids = [str(study["uid"]) for study in studies]
-    if len(set(ids)) != len(ids):
-        raise ValueError("Study `uid`s must be unique.")
+    studies, ids = studies_with_findings_and_impression(studies)
     queries = {uid: study["findings"] for uid, study in zip(ids, studies)}
     resolution = relevant_with_duplicates(
         queries, {uid: study["impression"] for uid, study in zip(ids, studies)}, {uid: {uid} for uid in ids},
