@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write
+from .fileio import atomic_write, remove_partial_writes
 
 __all__ = ["EMBEDDINGS_FILE", "embed_in_chunks", "load_text_dataset"]
 
@@ -162,6 +162,7 @@ def embed_in_chunks(
 
     chunks_dir = output_dir / _CHUNKS_DIR
     chunks_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_writes(chunks_dir)  # a chunk a killed run was writing
     num_chunks = math.ceil(len(dataset) / chunk_size)
     paths = [chunks_dir / f"chunk-{i:06d}-of-{num_chunks:06d}.npy" for i in range(num_chunks)]
     done = sum(path.is_file() for path in paths)

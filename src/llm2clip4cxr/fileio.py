@@ -6,7 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "remove_partial_writes"]
+
+_TEMP_MARK = ".tmp"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
@@ -17,7 +19,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
     removed if `write` fails or the run is interrupted by an exception.
     """
     path = Path(path)
-    temp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp{path.suffix}")
+    temp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}{_TEMP_MARK}{path.suffix}")
     try:
         write(temp)
         with temp.open("rb+") as handle:
@@ -26,3 +28,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def remove_partial_writes(folder: str | os.PathLike) -> int:
+    """Delete the temp files that `atomic_write` calls killed mid-write left under `folder`; returns how many.
+
+    An exception cleans up after itself, a SIGKILL cannot: a resumed run calls this first.
+    """
+    removed = 0
+    for path in Path(folder).rglob(f".*{_TEMP_MARK}*"):
+        if path.is_file() and _looks_like_temp(path.name):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def _looks_like_temp(name: str) -> bool:
+    # ".<stem>.<32 hex>.tmp<suffix>", as atomic_write names them; anything else is not ours to delete.
+    parts = name.split(_TEMP_MARK, 1)[0].rsplit(".", 1)
+    return name.startswith(".") and len(parts) == 2 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1])

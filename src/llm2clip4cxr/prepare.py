@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .corpora import CorpusRead, read_corpus
-from .fileio import atomic_write
+from .fileio import atomic_write, remove_partial_writes
 
 __all__ = ["PrepareOptions", "SECTION_REQUIREMENTS", "format_summary", "plan_rows", "prepare", "split_by_patient"]
 
@@ -375,6 +375,7 @@ def prepare(source, output, options: PrepareOptions | None = None, num_workers: 
     }
     _check_or_start(output, manifest)
     features = _features(options, _label_kind(by_split))
+    remove_partial_writes(output)  # files a killed run was writing (finished ones are kept and reused)
     (output / "data").mkdir(exist_ok=True)
     (output / "shards").mkdir(exist_ok=True)
     image_root = Path(read.image_root)

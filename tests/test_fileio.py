@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+
+from llm2clip4cxr.fileio import atomic_write, remove_partial_writes
+
+
+def test_atomic_write_replaces_whole_files_and_keeps_the_suffix(tmp_path):
+    target = tmp_path / "embeddings.npy"
+    atomic_write(target, lambda temp: np.save(temp, np.arange(3)))  # np.save would append .npy to other names
+    np.testing.assert_array_equal(np.load(target), np.arange(3))
+    assert [path.name for path in tmp_path.iterdir()] == ["embeddings.npy"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "summary.json"
+    target.write_text("old")
+
+    def fail(temp):
+        temp.write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, fail)
+    assert target.read_text() == "old" and [path.name for path in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_remove_partial_writes_deletes_only_temp_files_of_atomic_write(tmp_path):
+    (tmp_path / "images").mkdir()
+    killed = tmp_path / "images" / ".0.337c05c4370c4cfba4a66937552e7a63.tmp.png"  # what a SIGKILL leaves
+    killed.write_bytes(b"half an image")
+    kept = [tmp_path / ".notes.tmp.txt", tmp_path / "report.tmp", tmp_path / "images" / "0.png"]
+    for path in kept:
+        path.write_text("mine")
+    assert remove_partial_writes(tmp_path) == 1
+    assert not killed.exists() and all(path.exists() for path in kept)
