@@ -52,3 +52,14 @@ def test_hf_dual_encoder_refuses_other_models(tmp_path):
     LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="supports"):
         HFDualEncoder(tmp_path)
+
+
+def test_load_dual_encoder_picks_hf_for_a_clip_folder(tiny_clip, report_texts, tmp_path):
+    from llm2clip4cxr.baselines import load_dual_encoder
+
+    folder, _, _ = tiny_clip
+    encoder = load_dual_encoder(folder, batch_size=2)
+    assert isinstance(encoder, HFDualEncoder)
+    np.testing.assert_allclose(encoder.encode_texts(report_texts[:2]), HFDualEncoder(folder).encode_texts(report_texts[:2]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_dual_encoder(tmp_path / "missing")

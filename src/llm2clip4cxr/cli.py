@@ -317,8 +317,12 @@ def _eval(args) -> int:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--st-model {path}: no such directory (give a saved sentence-transformers model).")
         encoders[Path(path).name] = report_tasks.sentence_transformer_encoder(path, batch_size=args.batch_size)
+    for path in args.clip_baseline:  # the text tower of a CLIP/SigLIP or open_clip (BiomedCLIP) folder
+        from .baselines import load_dual_encoder
+
+        encoders[Path(path).name] = _quiet(load_dual_encoder, path, args.batch_size).encode_texts
     if not encoders:
-        raise ValueError("nothing to evaluate: --no-model was given without --baseline or --st-model.")
+        raise ValueError("nothing to evaluate: --no-model was given without --baseline, --st-model or --clip-baseline.")
 
     results = harness.run_evaluation(
         encoders, rows, tasks=args.tasks, seed=args.seed, triplets=triplets, label_prompts=label_prompts
@@ -472,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-model", action="store_true", help="evaluate only the baselines / --st-model models")
     evaluate.add_argument("--baseline", nargs="*", choices=("tfidf", "bm25", "minilm"), default=[], help="baselines to add")
     evaluate.add_argument("--st-model", action="append", default=[], help="a sentence-transformers model folder (repeatable)")
+    evaluate.add_argument(
+        "--clip-baseline", action="append", default=[],
+        help="a local transformers CLIP/SigLIP folder or open_clip BiomedCLIP folder (has open_clip_config.json); "
+        "its text tower is evaluated (repeatable)",
+    )
     evaluate.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks to run (default: all)")
     evaluate.add_argument("--limit", type=int, help="use only the first N studies of the CSV (quick runs)")
     evaluate.add_argument(
