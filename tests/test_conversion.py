@@ -122,6 +122,35 @@ def test_llm2vec4cxr_conversion_equals_original_computation(converted_text, toke
     assert not torch.allclose(exact[4:], expected[4:], rtol=1e-4, atol=1e-5)
 
 
+FRESH_TEXT = REFUSE_PACKAGE + r"""
+path, texts_file, out_file = sys.argv[1:]
+texts = json.load(open(texts_file))
+from transformers import AutoModel
+from sentence_transformers import SentenceTransformer
+model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+st = SentenceTransformer(path, trust_remote_code=True)
+assert "llm2clip4cxr" not in sys.modules, "llm2clip4cxr was imported"
+torch.save({"module": type(model).__module__, "encode": model.encode(texts),
+            "st": torch.from_numpy(st.encode(texts))}, out_file)
+"""
+
+
+def test_converted_llm2vec4cxr_loads_as_remote_code_in_fresh_process(converted_text, tokenizer, report_texts, tmp_path):
+    root, config, weights, _ = converted_text
+    texts = [INSTRUCTION + SEPARATOR + report for report in report_texts[:40]]
+    texts = [text for text in texts if report_tokens_agree(tokenizer, text)][:2] + \
+        [text for text in texts if not report_tokens_agree(tokenizer, text)][:2]  # the published mask rule matters here
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([sys.executable, "-c", FRESH_TEXT, str(root / "converted"), str(tmp_path / "texts.json"),
+                    str(tmp_path / "out.pt")], check=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    result = torch.load(tmp_path / "out.pt")
+    assert result["module"].startswith("transformers_modules.")
+    expected = reference_llm2vec4cxr(config, weights, tokenizer, texts)
+    torch.testing.assert_close(result["encode"], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(result["st"], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_llm2vec4cxr_conversion_accepts_causal_lm_layout(tmp_path, tokenizer, report_texts):
     config, weights = fabricate_llm2vec4cxr_release(tmp_path / "release", tokenizer, seed=1, causal_lm_prefix=True)
     summary = convert_llm2vec4cxr(tmp_path / "release", tmp_path / "converted")
