@@ -60,13 +60,7 @@ def test_quickstart_starts_with_the_readme_commands():
     assert runnable_commands(blocks[0][1])[0][:2] == ["llm2clip4cxr", "similarity"]
 
 
-def _block_params():
-    for index, (language, body) in enumerate(code_blocks(QUICKSTART)):
-        slow = language == "bash" and any("pytest" in words for words in runnable_commands(body))
-        yield pytest.param(index, marks=[pytest.mark.slow] if slow else [])
-
-
-@pytest.mark.parametrize("index", _block_params())
+@pytest.mark.parametrize("index", range(len(code_blocks(QUICKSTART))))
 def test_quickstart_block_runs(index):
     language, body = code_blocks(QUICKSTART)[index]
     if language == "python":

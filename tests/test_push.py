@@ -130,7 +130,6 @@ def test_bad_inputs_are_named(tiny_checkpoint, tmp_path, capsys):
     assert "no .safetensors weights" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # ~20 s: two fresh interpreters load the checkpoint
 def test_verification_names_the_failed_checks(tiny_checkpoint):
     # Broken remote code: the package still loads the folder, the Hub-style loads do not.
     with open(tiny_checkpoint / "modeling_llm2vec4cxr.py", "a") as handle:
