@@ -64,11 +64,34 @@ def test_ivf_recall_rises_with_nprobe_and_is_exact_when_probing_all(corpus):
     assert low < 0.9 and recall_at_10(index.search_raw(queries, 10)[1], exact) == 1.0
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_pq_recall_rises_with_k_factor_and_its_scores_are_exact(corpus):
+    vectors, ids, queries, exact = corpus
+    index = EmbeddingIndex(DIM, kind="pq", pq_m=16, k_factor=1)  # 4 dims per 4-bit code: coarse on purpose
+    assert not index.is_trained
+    index.add(vectors, ids)  # trains on this first batch
+    low = recall_at_10(index.search_raw(queries, 10)[1], exact)
+    index.k_factor = 100
+    scores, positions = index.search_raw(queries, 10)
+    high = recall_at_10(positions, exact)
+    assert low < 0.9 and high >= 0.97, (low, high)
+    # The candidates are re-ranked on the float vectors: the scores are the true inner products.
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, positions, axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_pq_needs_enough_training_vectors_and_a_dividing_pq_m(corpus):
+    vectors, ids, _, _ = corpus
+    with pytest.raises(ValueError, match="at least 256 training vectors.*got 10"):
+        EmbeddingIndex(DIM, kind="pq").add(vectors[:10], ids[:10])
+    with pytest.raises(ValueError, match="`pq_m` must divide `dim`=64"):
+        EmbeddingIndex(DIM, kind="pq", pq_m=10)
+    assert EmbeddingIndex(DIM, kind="pq").pq_m == DIM // 2
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf", "pq"])
 def test_save_load_round_trip(corpus, tmp_path, kind):
     vectors, ids, queries, _ = corpus
     metadata = [{"row": i, "split": "test" if i % 2 else "train"} for i in range(len(ids))]
-    index = EmbeddingIndex(DIM, kind=kind, hnsw_m=16, ef_construction=40, ef_search=32, nlist=16, nprobe=4)
+    index = EmbeddingIndex(DIM, kind=kind, hnsw_m=16, ef_construction=40, ef_search=32, nlist=16, nprobe=4, k_factor=7)
     index.add(vectors, ids, metadata)
     before = index.search_raw(queries, 10)
     index.save(tmp_path)

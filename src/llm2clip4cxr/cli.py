@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_csv_options(build, required=True)
     build.add_argument("--output", required=True, help="the index folder to write")
-    build.add_argument("--kind", choices=("flat", "hnsw", "ivf"), default="flat", help="FAISS index kind (default: flat, exact)")
+    build.add_argument("--kind", choices=("flat", "hnsw", "ivf", "pq"), default="flat", help="FAISS index kind (default: flat, exact)")
     build.add_argument("--metadata-column", action="append", default=[], help="a CSV column to store as metadata (repeatable)")
     _add_model_options(build)
     _add_chunk_options(build)
