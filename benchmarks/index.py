@@ -1,8 +1,9 @@
-"""Exact (flat) vs approximate (HNSW or IVF) top-10 search with EmbeddingIndex, in one run.
+"""Exact (flat) vs approximate (HNSW, IVF or PQ + exact re-ranking) top-10 search with EmbeddingIndex, in one run.
 
 Corpus: N unit vectors of dimension 512 (float32, generated in chunks from a fixed seed). Queries:
 1000 corpus vectors plus Gaussian noise (`--noise` is the noise norm relative to the unit vector),
-re-normalised. The approximate index is swept over its search knob (HNSW `ef_search`, IVF `nprobe`)
+re-normalised. The approximate index is swept over its search knob (HNSW `ef_search`, IVF `nprobe`,
+PQ `k_factor`)
 until its recall@10 against the exact top-10 reaches `--target-recall`; every setting tried is printed.
 
 Two corpora (`--data`):
@@ -17,6 +18,7 @@ ru_maxrss: the corpus, both indexes (FAISS float32 copies plus EmbeddingIndex's 
 the interpreter with torch/transformers, which importing the package loads.
 
     python benchmarks/index.py                       # 1M x 512, uniform, HNSW
+    python benchmarks/index.py --kind pq             # 1M x 512, uniform, 4-bit PQ fast scan + re-ranking
     python benchmarks/index.py --n 100000 --data lowdim
     python benchmarks/index.py --kind ivf --nlist 4096
 """
@@ -62,6 +64,12 @@ def timed(function):
     return result, time.perf_counter() - start
 
 
+def search_in_batches(index, queries: np.ndarray, k: int, batch: int | None) -> np.ndarray:
+    """Top-k positions, searching `batch` queries per call (all at once when None)."""
+    batch = batch or len(queries)
+    return np.concatenate([index.search_raw(queries[start : start + batch], k)[1] for start in range(0, len(queries), batch)])
+
+
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     """Mean |approximate top-k ∩ exact top-k| / k."""
     k = exact.shape[1]
@@ -77,12 +85,19 @@ def main():
     parser.add_argument("--data", choices=("uniform", "lowdim"), default="uniform")
     parser.add_argument("--latent-dim", type=int, default=16, help="subspace dimension for --data lowdim")
     parser.add_argument("--noise", type=float, default=0.1, help="query noise norm (corpus vectors have norm 1)")
-    parser.add_argument("--kind", choices=("hnsw", "ivf"), default="hnsw")
+    parser.add_argument("--kind", choices=("hnsw", "ivf", "pq"), default="hnsw")
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--ef-construction", type=int, default=40)
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
     parser.add_argument("--nlist", type=int, default=4096)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
+    parser.add_argument("--pq-m", type=int, default=None, help="PQ sub-quantizers (default: dim / 2)")
+    parser.add_argument("--k-factor", type=int, nargs="+", default=[5, 10, 20, 50, 100, 200])
+    parser.add_argument(
+        "--batch", type=int, default=None,
+        help="queries per search call (default: all at once). Exact search turns into one large matrix product "
+        "for big batches, which is where it is fastest per query; 1 measures one-query-at-a-time serving",
+    )
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="alternating timings behind the summary")
@@ -98,13 +113,14 @@ def main():
     noise = rng.standard_normal((args.queries, args.dim), dtype=np.float32) * (args.noise / np.sqrt(args.dim))
     queries = unit_rows(corpus[sources] + noise).astype(np.float32)
     print(f"corpus: {args.n:,} x {args.dim} float32 unit vectors ({args.data}), {args.queries} queries "
-          f"(noise norm {args.noise}), top-{args.k}, {args.threads} threads, faiss {faiss.__version__}")
+          f"(noise norm {args.noise}) searched {args.batch or args.queries} per call, top-{args.k}, "
+          f"{args.threads} threads, faiss {faiss.__version__}")
     print(f"peak memory after imports {baseline:.2f} GiB; corpus generated in {seconds:.1f} s, "
           f"peak memory {peak_memory_gib():.2f} GiB")
 
     exact_index = EmbeddingIndex(args.dim, kind="flat")
     _, flat_build = timed(lambda: exact_index.add(corpus, ids))
-    (_, exact), flat_search = timed(lambda: exact_index.search_raw(queries, args.k))
+    exact, flat_search = timed(lambda: search_in_batches(exact_index, queries, args.k, args.batch))
     print(f"\nexact (flat): build {flat_build:.1f} s, {args.queries / flat_search:,.1f} queries/s "
           f"({flat_search:.2f} s), finds the perturbed source at rank 1 for {np.mean(exact[:, 0] == sources):.1%}; "
           f"peak memory {peak_memory_gib():.2f} GiB")
@@ -113,6 +129,10 @@ def main():
         approx = EmbeddingIndex(args.dim, kind="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
         knob, settings = "ef_search", args.ef_search
         label = f"HNSW M={args.hnsw_m} efConstruction={args.ef_construction}"
+    elif args.kind == "pq":
+        approx = EmbeddingIndex(args.dim, kind="pq", pq_m=args.pq_m)
+        knob, settings = "k_factor", args.k_factor
+        label = f"PQ {approx.pq_m}x4-bit fast scan + exact re-ranking"
     else:
         approx = EmbeddingIndex(args.dim, kind="ivf", nlist=args.nlist)
         knob, settings = "nprobe", [p for p in args.nprobe if p <= args.nlist]
@@ -125,7 +145,7 @@ def main():
     reached, stop_reason = False, f"swept up to {knob}={settings[-1]}"
     for value in settings:
         setattr(approx, knob, value)
-        (_, found), seconds = timed(lambda: approx.search_raw(queries, args.k))
+        found, seconds = timed(lambda: search_in_batches(approx, queries, args.k, args.batch))
         recall = recall_at_k(found, exact)
         speedup = flat_search / seconds
         print(f"  {value:>9}  {args.queries / seconds:>10,.1f}  {speedup:>7.1f}x  {recall:>9.3f}  "
@@ -141,14 +161,15 @@ def main():
     # reported numbers alternate exact and approximate searches and take medians of each and of the ratios.
     exact_times, approx_times = [], []
     for _ in range(args.repeats):
-        exact_times.append(timed(lambda: exact_index.search_raw(queries, args.k))[1])
-        approx_times.append(timed(lambda: approx.search_raw(queries, args.k))[1])
+        exact_times.append(timed(lambda: search_in_batches(exact_index, queries, args.k, args.batch))[1])
+        approx_times.append(timed(lambda: search_in_batches(approx, queries, args.k, args.batch))[1])
     exact_qps = args.queries / float(np.median(exact_times))
     approx_qps = args.queries / float(np.median(approx_times))
     speedup = float(np.median(np.array(exact_times) / np.array(approx_times)))
 
     print(f"\nsummary ({args.repeats} alternating exact/approximate timings, medians)")
-    print(f"  n = {args.n:,}, dim = {args.dim}, data = {args.data}, {args.threads} threads")
+    print(f"  n = {args.n:,}, dim = {args.dim}, data = {args.data}, {args.threads} threads, "
+          f"{args.batch or args.queries} queries per search call")
     print(f"  exact top-{args.k}:  {exact_qps:,.1f} queries/s (range {args.queries / max(exact_times):,.1f}-"
           f"{args.queries / min(exact_times):,.1f}), build {flat_build:.1f} s")
     print(f"  approximate ({label}, {knob}={value}): {approx_qps:,.1f} queries/s (range "

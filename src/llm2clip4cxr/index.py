@@ -22,8 +22,10 @@ Choosing `kind` (the recall / speed / memory trade-off):
 
 HNSW and IVF pay off when the embeddings have structure (real text and image embeddings do). On
 uniformly random high-dimensional vectors the true neighbours are barely closer than everything else
-and neither reaches high recall much faster than "flat"; "pq" does (about 24x at recall@10 0.99 on
-1M uniform 512-d vectors, 2 cores). `benchmarks/index.py` measures all of them.
+and neither reaches high recall much faster than "flat"; "pq" does when queries come one to ten per
+call (15-22x at recall@10 0.97 on 1M uniform 512-d vectors, 2 cores), less so for large query batches,
+which exact search turns into one fast matrix product (3.5x at 1000 per call). `benchmarks/index.py`
+measures all of them.
 
 Vectors are L2-normalised by default, so scores are cosine similarities. FAISS keeps its own float32
 copy; the vectors as indexed are also kept as float16 (in memory until `save()`, then as a read-only
