@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import pickle
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -143,27 +142,12 @@ def read_open_clip_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tens
     """The weights of an open_clip checkpoint folder: `open_clip_model.safetensors` if present, else
     `open_clip_pytorch_model.bin` read with `torch.load(weights_only=True)` (a pickle that needs code to
     load is refused)."""
+    from .conversion import load_state_dict_file
+
     folder = Path(folder)
     for name in OPEN_CLIP_WEIGHTS:
-        path = folder / name
-        if not path.is_file():
-            continue
-        if name.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"{path} is a pickle that needs code to load, which is refused (running it could execute anything). "
-                f"Convert it to {OPEN_CLIP_WEIGHTS[0]} where you trust it, or get a plain state-dict file. ({error})"
-            ) from None
-        if isinstance(state_dict, Mapping) and "state_dict" in state_dict:  # an open_clip training checkpoint
-            state_dict = {re.sub(r"^module\.", "", key): value for key, value in state_dict["state_dict"].items()}
-        if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-            raise ValueError(f"{path} does not hold a state dict of tensors.")
-        return dict(state_dict)
+        if (folder / name).is_file():
+            return load_state_dict_file(folder / name)
     raise FileNotFoundError(f"{folder} has none of {OPEN_CLIP_WEIGHTS}: not an open_clip checkpoint folder.")
 
 

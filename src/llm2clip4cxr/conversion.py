@@ -69,8 +69,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(
-            f"{path} is a pickle that needs arbitrary code to load, which is refused "
-            f"(torch.load(weights_only=True): {str(error).splitlines()[0]}). Only plain tensors can be converted: "
+            f"{path} is a pickle that needs code to load, which is refused: a file that needs arbitrary code to load "
+            f"could execute anything (torch.load(weights_only=True): {str(error).splitlines()[0]}). Only plain tensors can be read: "
             "in an environment you trust, load it and re-save `torch.save(state_dict, 'weights.pt')` with "
             "tensor values only, or save it as safetensors."
         ) from None
