@@ -33,3 +33,22 @@ def test_remove_partial_writes_deletes_only_temp_files_of_atomic_write(tmp_path)
         path.write_text("mine")
     assert remove_partial_writes(tmp_path) == 1
     assert not killed.exists() and all(path.exists() for path in kept)
+
+
+def test_atomic_write_folder_replaces_the_old_folder_or_leaves_it_untouched(tmp_path):
+    from llm2clip4cxr.fileio import atomic_write_folder
+
+    target = tmp_path / "model"
+    atomic_write_folder(target, lambda folder: (folder.mkdir(), (folder / "config.json").write_text("v1")))
+    atomic_write_folder(target, lambda folder: (folder.mkdir(), (folder / "weights.safetensors").write_text("v2")))
+    assert sorted(path.name for path in target.iterdir()) == ["weights.safetensors"]  # nothing of v1 is left
+
+    def fail(folder):
+        folder.mkdir()
+        (folder / "half").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_folder(target, fail)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+    assert (target / "weights.safetensors").read_text() == "v2"

@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
+from .fileio import atomic_write
 from .imaging import load_image
 from .losses import clip_loss, gather_features
 from .modeling.modeling_llm2clip4cxr import LLM2CLIP4CXRModel
@@ -281,11 +283,10 @@ def cache_text_embeddings(
     embeddings = torch.cat(chunks) if chunks else torch.empty(0, clip.text_embed_dim)
 
     if path is not None:
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        staging = f"{path}.tmp{os.getpid()}"
-        save_file({CACHE_KEY: embeddings.contiguous()}, staging, metadata={"fingerprint": fingerprint})
-        os.replace(staging, path)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {CACHE_KEY: embeddings.contiguous()}
+        atomic_write(path, lambda temp: save_file(tensors, temp, metadata={"fingerprint": fingerprint}))
     return embeddings
 
 

@@ -18,7 +18,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.initialization import no_init_weights
 
+from .fileio import atomic_write_folder
 from .modeling.configuration_eva02 import EVA02VisionConfig
 from .modeling.configuration_llm2clip4cxr import LLM2CLIP4CXRConfig
 from .modeling.configuration_llm2vec4cxr import SUPPORTED_BACKBONES, LLM2Vec4CXRConfig
@@ -144,16 +144,7 @@ def _save_atomically(destination: Path, overwrite: bool, write: Callable[[Path],
     """`write(folder)` into a temporary sibling of `destination`, then rename it into place."""
     if destination.exists() and not overwrite:
         raise FileExistsError(f"{destination} already exists: choose another output folder or pass --overwrite.")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.parent / f".{destination.name}.converting-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        write(temporary)
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(temporary, destination)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    atomic_write_folder(destination, write)
 
 
 # ---------------------------------------------------------------------------------------------- LLM2Vec4CXR

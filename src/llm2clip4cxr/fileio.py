@@ -1,12 +1,13 @@
 """Atomic file writes: a reader (or a resumed run) never sees half a file."""
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "remove_partial_writes"]
+__all__ = ["atomic_write", "atomic_write_folder", "remove_partial_writes"]
 
 _TEMP_MARK = ".tmp"
 
@@ -28,6 +29,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call `write(temp_folder)`, then put the folder in place of `path` (replacing an older one).
+
+    The temp folder is a hidden sibling with a fixed name, so a run killed mid-write leaves it to be
+    cleared by the next write of the same `path`; an exception clears it at once. A reader sees the old
+    folder or the new one, except for the instant between removing the old one and the rename.
+    Returns `path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        write(temp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(temp, path)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return path
 
 
 def remove_partial_writes(folder: str | os.PathLike) -> int:

@@ -20,7 +20,6 @@ passed through to `HfApi`); the token is never printed, logged or written by thi
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from huggingface_hub.utils import validate_repo_id
 
+from .fileio import atomic_write_folder
 from .hub_card import model_card, select_model_results
 
 # Pickle-based formats run arbitrary code when loaded: never published.
@@ -387,18 +387,16 @@ def merge_adapter(adapter_dir, output_dir, *, base_model: str | None = None) -> 
         raise ValueError(f"{adapter_dir} has no {ADAPTER_CONFIG}: it is not a LoRA adapter to merge.")
     load_from = _adapter_base_source(adapter_dir, base_model)
     merged = PeftModel.from_pretrained(AutoModel.from_pretrained(load_from), adapter_dir).merge_and_unload()
-    staging = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)
-    if merged.config.model_type == "llm2clip4cxr":
-        try:
-            AutoProcessor.from_pretrained(load_from).save_pretrained(staging)
-        except OSError:  # the base has no processor saved: neither will the merged model
-            pass
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(staging, output_dir)
-    return output_dir
+
+    def write(staging: Path) -> None:
+        merged.save_pretrained(staging)
+        if merged.config.model_type == "llm2clip4cxr":
+            try:
+                AutoProcessor.from_pretrained(load_from).save_pretrained(staging)
+            except OSError:  # the base has no processor saved: neither will the merged model
+                pass
+
+    return atomic_write_folder(output_dir, write)
 
 
 def push_to_hub(

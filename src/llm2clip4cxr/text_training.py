@@ -21,6 +21,7 @@ import shutil
 import torch
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer
 
+from .fileio import atomic_write_folder
 from .losses import info_nce_loss
 from .modeling.modeling_llm2vec4cxr import LLM2Vec4CXRModel
 
@@ -186,12 +187,8 @@ def last_complete_checkpoint(output_dir, remove_incomplete: bool = False) -> str
 def save_pretrained_atomically(output_dir: str | os.PathLike, *objects) -> str:
     """`save_pretrained` every object (model, processor) into `<output_dir>/model` through a temporary
     folder, so an interrupted save never leaves a half-written model where a complete one is expected."""
-    final = os.path.join(os.fspath(output_dir), "model")
-    staging = final + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    for obj in objects:
-        obj.save_pretrained(staging)
-    if os.path.isdir(final):
-        shutil.rmtree(final)
-    os.replace(staging, final)
-    return final
+    def write(staging):
+        for obj in objects:
+            obj.save_pretrained(staging)
+
+    return str(atomic_write_folder(os.path.join(os.fspath(output_dir), "model"), write))
