@@ -2,10 +2,26 @@
 
 import csv
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 # ../shared/data relative to the project root, as laid out for development and CI.
 _DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@contextmanager
+def datasets_progress_bars_off():
+    """Silence `datasets`' per-step progress bars inside the block (restoring them after), for steps whose
+    progress a bar of our own already shows."""
+    import datasets
+
+    were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on:
+            datasets.enable_progress_bars()
 
 
 def shared_data_dir() -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import datasets_progress_bars_off
 from .fileio import atomic_write, remove_partial_writes
 
 __all__ = ["EMBEDDINGS_FILE", "embed_in_chunks", "load_text_dataset"]
@@ -45,20 +46,13 @@ def load_text_dataset(
         FileNotFoundError: `path` does not exist.
         ValueError: unknown suffix, a missing column, no non-empty text, or repeated ids.
     """
-    import datasets
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
     # Reading and filtering are quick next to encoding, whose own bar shows progress; datasets' bars
     # for each of its steps would only bury it.
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
+    with datasets_progress_bars_off():
         return _load_text_dataset(path, column, id_column, extra_columns)
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
 
 
 def _load_text_dataset(path: Path, column: str, id_column: str | None, extra_columns: Sequence[str]):

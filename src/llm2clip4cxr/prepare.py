@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .corpora import CorpusRead, read_corpus
+from .data import datasets_progress_bars_off
 from .fileio import atomic_write, remove_partial_writes
 
 __all__ = ["PrepareOptions", "SECTION_REQUIREMENTS", "format_summary", "plan_rows", "prepare", "split_by_patient"]
@@ -299,14 +300,9 @@ def _write_parquet(rows: list[dict], features, path: Path) -> None:
     import datasets
 
     rows = [{name: row.get(name) for name in features} for row in rows]
-    bars_were_on = not datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()  # one bar per shard would bury the image progress bar
-    try:
+    with datasets_progress_bars_off():  # one bar per shard would bury the image progress bar
         dataset = datasets.Dataset.from_list(rows, features=features)
         atomic_write(path, lambda temp: dataset.to_parquet(str(temp)))
-    finally:
-        if bars_were_on:
-            datasets.utils.enable_progress_bars()
 
 
 def _shard_rows(rows: list[dict], results: list[tuple], options: PrepareOptions, problems: dict) -> list[dict]:
