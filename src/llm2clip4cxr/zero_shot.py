@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .retrieval import image_encoder, report_encoder
+
 __all__ = ["zero_shot_classify"]
 
 
@@ -50,7 +52,7 @@ def zero_shot_classify(
         model (`LLM2CLIP4CXRModel`): the model.
         processor (`LLM2CLIP4CXRProcessor`): its processor.
         images: one image or a list of images, in any form the processor accepts (PIL images, arrays
-            from `llm2clip4cxr.imaging.load_image`, tensors).
+            from `llm2clip4cxr.imaging.load_image`, tensors) or file paths (read with `load_image`).
         labels (`Sequence[str]`): class names, e.g. `["pleural effusion", "no acute findings"]`.
         templates (`Sequence[str]`, defaults to `("{}",)`): prompt templates with one `{}` for the label,
             e.g. `("There is {}.", "Findings suggest {}.")`.
@@ -70,25 +72,16 @@ def zero_shot_classify(
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
     images = list(images) if isinstance(images, (list, tuple)) else [images]
-    device = model.device
 
     was_training = model.training
     model.eval()
     try:
         prompts = [template.format(label) for label in labels for template in templates]
-        text_inputs = processor(text=prompts, instruction=instruction).to(device)
-        prompt_embeds = F.normalize(model.get_text_features(**text_inputs).pooler_output, dim=-1)
+        prompt_embeds = torch.from_numpy(report_encoder(model, processor, instruction, batch_size=len(prompts))(prompts))
         label_embeds = prompt_embeds.view(len(labels), len(templates), -1).mean(dim=1)  # (L, P)
         label_embeds = F.normalize(label_embeds, dim=-1)
-
-        logit_scale = model.get_logit_scale()
-        probabilities = []
-        for start in range(0, len(images), batch_size):
-            pixel_values = processor(images=images[start : start + batch_size])["pixel_values"]
-            pixel_values = pixel_values.to(device=device, dtype=model.dtype)
-            image_embeds = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
-            logits = logit_scale * image_embeds @ label_embeds.T  # (B, L)
-            probabilities.append(logits.softmax(dim=-1).float().cpu())
+        image_embeds = torch.from_numpy(image_encoder(model, processor, batch_size=batch_size)(images))
+        logits = model.get_logit_scale().float().cpu() * image_embeds @ label_embeds.T  # (B, L)
     finally:
         model.train(was_training)
-    return torch.cat(probabilities)
+    return logits.softmax(dim=-1)
