@@ -60,32 +60,33 @@ class HFDualEncoder:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised text embeddings, float32 `(len(texts), projection_dim)`."""
-        texts = list(texts)
-        if not texts:
-            raise ValueError("`texts` is empty: nothing to encode.")
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.processor(
-                text=texts[start : start + self.batch_size], padding=self._text_padding, truncation=True,
-                max_length=self._max_length, return_tensors="pt",
+        def encode(batch: list[str]) -> torch.Tensor:
+            inputs = self.processor(
+                text=batch, padding=self._text_padding, truncation=True, max_length=self._max_length, return_tensors="pt",
             ).to(self.device)
-            chunks.append(_features(self.model.get_text_features(**batch)))
-        return torch.cat(chunks).numpy()
+            return _features(self.model.get_text_features(**inputs))
+
+        return _encode_in_batches(texts, "texts", self.batch_size, encode)
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence) -> np.ndarray:
         """L2-normalised image embeddings, float32 `(len(images), projection_dim)`; images as PIL images or
         arrays (see `llm2clip4cxr.imaging.load_image` for DICOM)."""
-        images = list(images)
-        if not images:
-            raise ValueError("`images` is empty: nothing to encode.")
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            batch = self.processor(images=images[start : start + self.batch_size], return_tensors="pt").to(self.device)
-            chunks.append(_features(self.model.get_image_features(**batch)))
-        return torch.cat(chunks).numpy()
+        def encode(batch: list) -> torch.Tensor:
+            inputs = self.processor(images=batch, return_tensors="pt").to(self.device)
+            return _features(self.model.get_image_features(**inputs))
+
+        return _encode_in_batches(images, "images", self.batch_size, encode)
 
     __call__ = encode_texts
+
+
+def _encode_in_batches(items: Sequence, what: str, batch_size: int, encode) -> np.ndarray:
+    """`encode` (a batch -> normalised features) over `items` in batches, as one float32 array."""
+    items = list(items)
+    if not items:
+        raise ValueError(f"`{what}` is empty: nothing to encode.")
+    return torch.cat([encode(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]).numpy()
 
 
 def _features(output) -> torch.Tensor:
@@ -369,25 +370,22 @@ class BiomedCLIPDualEncoder:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised text embeddings, float32 `(len(texts), embed_dim)`."""
-        texts = list(texts)
-        if not texts:
-            raise ValueError("`texts` is empty: nothing to encode.")
-        chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                [_clean_text(text) for text in texts[start : start + self.batch_size]], padding=True, truncation=True,
-                max_length=self.context_length, return_tensors="pt",
+        def encode(batch: list[str]) -> torch.Tensor:
+            tokens = self.tokenizer(
+                [_clean_text(text) for text in batch], padding=True, truncation=True, max_length=self.context_length,
+                return_tensors="pt",
             )
             # open_clip masks by pad id and passes no token types; padding length does not change the result.
-            input_ids = batch["input_ids"].to(self.device)
+            input_ids = tokens["input_ids"].to(self.device)
             mask = (input_ids != self.text.config.pad_token_id).long()
             hidden = self.text(input_ids=input_ids, attention_mask=mask).last_hidden_state
             if self.pooler == "cls_last_hidden_state_pooler":
                 pooled = hidden[:, 0]
             else:
                 pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(-1, keepdim=True)
-            chunks.append(_features(self.text_projection(pooled)))
-        return torch.cat(chunks).numpy()
+            return _features(self.text_projection(pooled))
+
+        return _encode_in_batches(texts, "texts", self.batch_size, encode)
 
     def preprocess(self, image) -> torch.Tensor:
         """One image (path, PIL image, or array: uint8, or float in [0, 1]) -> the normalised `(3, S, S)` input,
@@ -418,15 +416,12 @@ class BiomedCLIPDualEncoder:
     def encode_images(self, images: Sequence) -> np.ndarray:
         """L2-normalised image embeddings, float32 `(len(images), embed_dim)`; images as paths (read with
         `llm2clip4cxr.imaging.load_image`, so DICOM works), PIL images or arrays."""
-        images = list(images)
-        if not images:
-            raise ValueError("`images` is empty: nothing to encode.")
-        chunks = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = torch.stack([self.preprocess(image) for image in images[start : start + self.batch_size]])
+        def encode(batch: list) -> torch.Tensor:
+            pixels = torch.stack([self.preprocess(image) for image in batch])
             hidden = self.vision(pixel_values=pixels.to(self.device)).last_hidden_state  # after the final LayerNorm
-            chunks.append(_features(self.vision_head(hidden[:, 0])))
-        return torch.cat(chunks).numpy()
+            return _features(self.vision_head(hidden[:, 0]))
+
+        return _encode_in_batches(images, "images", self.batch_size, encode)
 
     __call__ = encode_texts
 
