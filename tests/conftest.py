@@ -39,3 +39,10 @@ def make_encoder(tokenizer):
         return model.eval()
 
     return make
+
+
+@pytest.fixture()
+def saved_tiny_encoder(make_encoder, tmp_path):
+    """A tiny random encoder saved as a checkpoint folder (the starting point of recipe runs)."""
+    make_encoder().save_pretrained(tmp_path / "init")
+    return tmp_path / "init"

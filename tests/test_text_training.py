@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,15 +13,14 @@ import torch.nn.functional as F
 import transformers
 
 from llm2clip4cxr import LLM2Vec4CXRModel
-from llm2clip4cxr.losses import info_nce_loss
 from llm2clip4cxr.report_variants import build_triplets
 from llm2clip4cxr.text_training import (
-    ContrastiveCollator,
-    ContrastiveTrainer,
     apply_lora,
+    contrastive_loss,
     last_complete_checkpoint,
     mntp_collator,
     mntp_model_for,
+    sentence_transformer_for,
     set_attention_dropout,
 )
 
@@ -87,29 +85,9 @@ def _triplet_rows(report_texts, n=8):
     return [{key: item[key] for key in ("anchor", "positive", "negative")} for item in build_triplets(report_texts[:40], seed=0)[:n]]
 
 
-def test_contrastive_loss_is_info_nce_over_one_forward(make_encoder, report_texts):
-    encoder = make_encoder().train()
-    rows = _triplet_rows(report_texts, 4)
-    batch = ContrastiveCollator(encoder, instruction="Find similar reports")(rows)
-    assert batch["num_per_role"].tolist() == [4, 4, 4]
-    transformers.set_seed(0)
-    loss = ContrastiveTrainer.compute_loss(SimpleNamespace(scale=20.0, gather_across_processes=True), encoder, dict(batch))
-    embed = lambda column: encoder.encode([row[column] for row in rows], instruction="Find similar reports")  # noqa: E731
-    expected = info_nce_loss(embed("anchor"), embed("positive"), embed("negative"), scale=20.0)
-    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-5)
-    loss.backward()
-    assert encoder.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
-
-
-@pytest.fixture()
-def saved_tiny_encoder(make_encoder, tmp_path):
-    make_encoder().save_pretrained(tmp_path / "init")
-    return tmp_path / "init"
-
-
 def test_distributed_loss_and_gradients_equal_one_process(saved_tiny_encoder, report_texts, tmp_path):
-    """2 gloo processes, each with half the batch, gathered negatives, DDP-averaged gradients ==
-    one process on the whole batch (equal halves, so the mean of the local means is the global mean).
+    """sentence-transformers' loss with gather_across_devices on 2 gloo processes, each with half the batch,
+    DDP-averaged gradients == one process on the whole batch (equal halves, so the mean of the local means is the global mean).
     Tolerance 1e-5: the runs differ only in summation order."""
     rows = _triplet_rows(report_texts, 8)
     (tmp_path / "rows.json").write_text(json.dumps(rows))
@@ -127,8 +105,10 @@ def test_distributed_loss_and_gradients_equal_one_process(saved_tiny_encoder, re
     assert distributed["world_size"] == 2
 
     model = LLM2Vec4CXRModel.from_pretrained(saved_tiny_encoder).train()
-    batch = ContrastiveCollator(model, instruction="Find similar reports")(rows)
-    loss = ContrastiveTrainer.compute_loss(SimpleNamespace(scale=20.0, gather_across_processes=True), model, batch)
+    st_model = sentence_transformer_for(model)
+    features = [st_model.preprocess([row[role] for row in rows], prompt="Find similar reports")
+                for role in ("anchor", "positive", "negative")]
+    loss = contrastive_loss(st_model, batch_size=len(rows), gather_across_devices=False)(features, None)
     loss.backward()
     torch.testing.assert_close(distributed["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}

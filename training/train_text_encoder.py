@@ -6,9 +6,12 @@ line or in a YAML file:
     # 1. masked next-token prediction on report text (LoRA, r16/alpha32, merged at the end)
     python training/train_text_encoder.py --stage mntp --model_name_or_path runs/init \
         --reports ../shared/data/openi/reports.csv --output_dir runs/mntp --lora --max_steps 500
-    # 2. supervised contrastive on report variants built on the fly (or --pairs triplets.jsonl)
+    # 2. supervised contrastive (sentence-transformers trainer): findings<->impression of each study and
+    #    report variants with hard negatives (or --pairs triplets.jsonl); GradCache mini-batches of 32
     python training/train_text_encoder.py --stage contrastive --model_name_or_path runs/mntp/model \
-        --reports ../shared/data/openi/reports.csv --output_dir runs/contrastive --max_steps 500
+        --reports ../shared/data/openi/reports.csv --output_dir runs/contrastive --max_steps 500 \
+        --per_device_train_batch_size 256 --mini_batch_size 32 --batch_sampler no_duplicates \
+        --instruction "Retrieve reports with the same clinical findings"
     # or train on a folder written by `llm2clip4cxr prepare` (its own train/validation split)
     python training/train_text_encoder.py --stage mntp --model_name_or_path runs/init --data prepared/mimic ...
     # resume an interrupted run from its last complete checkpoint: add --resume
@@ -28,16 +31,16 @@ from transformers import Trainer
 import llm2clip4cxr
 from llm2clip4cxr.data import read_reports_csv, split_by_study
 from llm2clip4cxr.factory import encoder_from_decoder
-from llm2clip4cxr.report_variants import build_triplets, load_triplets_jsonl
+from llm2clip4cxr.report_variants import build_section_pairs, build_triplets, load_triplets_jsonl
 from llm2clip4cxr.text_training import (
-    ContrastiveCollator,
-    ContrastiveTrainer,
     apply_lora,
+    contrastive_loss,
     last_complete_checkpoint,
     mntp_collator,
     mntp_model_for,
     parse_recipe_arguments,
     save_pretrained_atomically,
+    sentence_transformer_for,
     set_attention_dropout,
 )
 
@@ -52,7 +55,17 @@ class RecipeArguments:
     report_columns: str = field(default="findings,impression", metadata={"help": "CSV text columns, comma-separated"})
     pairs: str | None = field(default=None, metadata={"help": "JSONL of anchor/positive[/negative] (e.g. LLM-made variants)"})
     validation_fraction: float = field(default=0.1, metadata={"help": "reports held out by study id (seeded)"})
-    instruction: str | None = field(default=None, metadata={"help": "instruction prepended (and pooled out) in contrastive stages"})
+    instruction: str | None = field(default=None, metadata={"help": "instruction prepended (and pooled out) in contrastive "
+                                                             "stages; saved in the config as the model's default"})
+    instruction_name: str = field(default="retrieval", metadata={"help": "name of --instruction in config.instructions"})
+    mini_batch_size: int | None = field(default=None, metadata={"help": "contrastive: embed in mini-batches of this size "
+                                                                "(GradCache) when below the batch size"})
+    variants_per_report: int = field(default=1, metadata={"help": "contrastive: variant triplets drawn per report"})
+    section_pairs: bool = field(default=True, metadata={"help": "contrastive: also train findings<->impression of "
+                                                        "each study (a symmetric loss)"})
+    synthetic_triplets: int = field(default=0, metadata={"help": "contrastive: add this many compositional synthetic "
+                                                        "triplets (llm2clip4cxr.synthetic_reports)"})
+    bucket_rows: int = field(default=32, metadata={"help": "contrastive: rows per length-sorted forward bucket"})
     pooling_mode: str = field(default="mean", metadata={"help": "pooling head when starting from a plain decoder"})
     mask_probability: float = field(default=0.2, metadata={"help": "MNTP: fraction of tokens masked"})
     mask_token: str | None = field(default=None, metadata={"help": "MNTP: existing token used as mask when the tokenizer has none"})
@@ -62,7 +75,6 @@ class RecipeArguments:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    merge_lora: bool = field(default=True, metadata={"help": "fold LoRA adapters into the weights before saving"})
     resume: bool = field(default=False, metadata={"help": "resume from the last complete checkpoint in output_dir"})
 
 
@@ -119,17 +131,66 @@ def build_datasets(args: RecipeArguments, seed: int):
                 datasets.Dataset.from_dict({"text": report_texts(validation_rows, columns)}))
     if args.stage == "simcse":
         texts = report_texts(train_rows, columns)
-        return datasets.Dataset.from_dict({"anchor": texts, "positive": texts}), None
+        return {"pairs": datasets.Dataset.from_dict({"anchor": texts, "positive": texts})}, None
     if args.pairs:
-        return datasets.Dataset.from_list(load_triplets_jsonl(args.pairs)), None
+        return {"pairs": datasets.Dataset.from_list(_triplet_columns(load_triplets_jsonl(args.pairs)))}, None
     if not rows:
         raise ValueError("--stage contrastive needs --reports (variants are built from them) or --pairs.")
+    if args.variants_per_report < 1:
+        raise ValueError(f"--variants_per_report must be at least 1, got {args.variants_per_report}.")
 
-    def triplets(subset):
-        built = build_triplets(subset, seed=seed)
-        return datasets.Dataset.from_list([{role: item[role] for role in ("anchor", "positive", "negative")} for item in built])
+    def variants(subset, copies):
+        # Each copy draws other variants of the same reports; repeated triplets are dropped.
+        seen, triplets = set(), []
+        for copy in range(copies):
+            for triplet in _triplet_columns(build_triplets(subset, seed=seed * 1000 + copy, section_pairs=False)):
+                key = tuple(triplet.values())
+                if key not in seen:
+                    seen.add(key)
+                    triplets.append(triplet)
+        return datasets.Dataset.from_list(triplets)
 
-    return triplets(train_rows), triplets(validation_rows) if validation_rows else None
+    train = {"variants": variants(train_rows, args.variants_per_report)}
+    validation = {"variants": variants(validation_rows, 1)} if validation_rows else None
+    if args.synthetic_triplets:
+        from llm2clip4cxr.synthetic_reports import build_synthetic_triplets
+
+        synthetic = build_synthetic_triplets(args.synthetic_triplets, seed=seed)
+        train["synthetic"] = datasets.Dataset.from_list(_triplet_columns(synthetic))
+    if args.section_pairs:
+        train["sections"] = datasets.Dataset.from_list(build_section_pairs(train_rows))
+        if validation_rows and build_section_pairs(validation_rows):
+            validation["sections"] = datasets.Dataset.from_list(build_section_pairs(validation_rows))
+    return train, validation
+
+
+def _triplet_columns(triplets: list[dict]) -> list[dict]:
+    """Only the text columns: sentence-transformers treats every column as an input."""
+    return [{role: item[role] for role in ("anchor", "positive", "negative")} for item in triplets]
+
+
+def train_contrastive(args: RecipeArguments, training_args, encoder, train_dataset, eval_dataset):
+    """The contrastive (or SimCSE) stage on sentence-transformers' trainer; returns the trainer."""
+    from sentence_transformers import SentenceTransformerTrainer
+
+    if args.instruction:
+        encoder.config.instructions = {**encoder.config.instructions, args.instruction_name: args.instruction}
+        encoder.config.default_instruction_name = args.instruction_name
+        training_args.prompts = args.instruction
+    model = sentence_transformer_for(encoder, bucket_rows=args.bucket_rows)
+    batch_size = training_args.per_device_train_batch_size
+    if not isinstance(train_dataset, dict):
+        train_dataset = {"pairs": train_dataset}
+    gather = training_args.world_size > 1  # score every anchor against the candidates of all processes
+    losses = {
+        name: contrastive_loss(
+            model, batch_size, args.mini_batch_size, args.scale, symmetric=name == "sections", gather_across_devices=gather
+        )
+        for name in train_dataset
+    }
+    return SentenceTransformerTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset, loss=losses,
+    )
 
 
 def main(argv=None) -> str:
@@ -140,6 +201,9 @@ def main(argv=None) -> str:
 
     encoder = load_encoder(args)
     train_dataset, eval_dataset = build_datasets(args, training_args.seed)
+    if args.lora:
+        # LoRA on the backbone only (the LM head of MNTP shares it); folded back into the weights before saving.
+        encoder.model = apply_lora(encoder.model, args.lora_r, args.lora_alpha, args.lora_dropout)
     if args.stage == "mntp":
         tokenizer = encoder.tokenizer
         max_length = encoder.config.max_seq_length
@@ -149,27 +213,19 @@ def main(argv=None) -> str:
 
         train_dataset = train_dataset.map(tokenize, batched=True, remove_columns=["text"])
         eval_dataset = eval_dataset.map(tokenize, batched=True, remove_columns=["text"]) if len(eval_dataset) else None
-        model = mntp_model_for(encoder)
         collator = mntp_collator(tokenizer, args.mask_probability, args.mask_token, seed=training_args.seed)
+        trainer = Trainer(
+            model=mntp_model_for(encoder), args=training_args, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, data_collator=collator,
+        )
     else:
         if args.stage == "simcse":
             set_attention_dropout(encoder, args.simcse_dropout)
-        model = encoder
-        collator = ContrastiveCollator(encoder, instruction=args.instruction)
-    if args.lora:
-        model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-    trainer_class = Trainer if args.stage == "mntp" else ContrastiveTrainer
-    extra = {} if args.stage == "mntp" else {"scale": args.scale}
-    trainer = trainer_class(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=collator, **extra,
-    )
+        trainer = train_contrastive(args, training_args, encoder, train_dataset, eval_dataset)
     resume_from = last_complete_checkpoint(training_args.output_dir, remove_incomplete=True) if args.resume else None
     trainer.train(resume_from_checkpoint=resume_from)
-    if args.lora and args.merge_lora:
-        model = model.merge_and_unload()
-    if args.stage != "mntp" and args.lora and not args.merge_lora:
-        encoder = model  # keep the adapter model: save_pretrained writes adapter weights only
+    if args.lora:
+        encoder.model = encoder.model.merge_and_unload()
     final = None
     if trainer.is_world_process_zero():
         final = save_pretrained_atomically(training_args.output_dir, encoder)

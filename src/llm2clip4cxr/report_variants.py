@@ -744,6 +744,12 @@ NEGATIVE_GENERATORS: dict[str, Generator] = {
 }
 
 
+# Every family a model of this package can be trained on: the rule generators above, the real
+# findings<->impression pairs of a study, and the compositional synthetic reports (`synthetic_reports`).
+# Evaluation uses other families (`evaluation.heldout_variants`); a model card names the ones it used.
+TRAINING_FAMILIES = (*POSITIVE_GENERATORS, *NEGATIVE_GENERATORS, "findings_impression", "synthetic_compositional")
+
+
 def _select(generators: dict[str, Generator], kinds, argument: str) -> list[str]:
     if kinds is None:
         return list(generators)
@@ -848,6 +854,23 @@ def build_triplets(
     return triplets
 
 
+def build_section_pairs(reports: Iterable[Mapping[str, str]]) -> list[dict]:
+    """{"anchor": findings, "positive": impression} for every row that has both sections.
+
+    Real positives, written by the radiologist rather than by a rule: the impression restates the
+    findings in other words. Identical pairs (template reports) are kept once.
+    """
+    pairs, seen = [], set()
+    for index, item in enumerate(reports):
+        _, findings, impression = _report_sections(item, index)
+        if findings and impression and _normalized(findings) != _normalized(impression):
+            key = (_normalized(findings), _normalized(impression))
+            if key not in seen:
+                seen.add(key)
+                pairs.append({"anchor": findings, "positive": impression})
+    return pairs
+
+
 _TRIPLET_KEYS = ("anchor", "positive", "negative")
 
 
@@ -911,8 +934,10 @@ __all__ = [
     "FINDING_SUBSTITUTIONS",
     "NEGATIVE_GENERATORS",
     "POSITIVE_GENERATORS",
+    "TRAINING_FAMILIES",
     "SEVERITY_SWAPS",
     "boilerplate_kind",
+    "build_section_pairs",
     "build_triplets",
     "change_severity",
     "change_size",

@@ -7,9 +7,13 @@ what no library does is written here:
   backbone with the causal LM head: `DataCollatorForLanguageModeling` masks tokens and puts the
   original ids in `labels`, and the backbone's `*ForCausalLM` loss shifts them, so the token masked
   at position i is predicted from the logits at position i-1, as LLM2Vec does.
-* The contrastive stage scores each anchor against every positive and hard negative of the global
-  batch (`losses.info_nce_loss`, gathered across processes). All texts of a step go through the
-  model in ONE forward pass: DDP does not allow several forwards before one backward.
+* The contrastive stage is a `SentenceTransformerTrainer` run: the encoder is wrapped as a
+  sentence-transformers model (`sentence_transformer_for`) and trained with sentence-transformers'
+  `MultipleNegativesRankingLoss`, or its GradCache variant `CachedMultipleNegativesRankingLoss` when
+  `mini_batch_size` is below the batch size (`contrastive_loss`): every anchor is scored against every
+  positive and hard negative of the (process-gathered) batch, and the batch size is no longer bounded by
+  activation memory. The instruction is the trainer's prompt: `LLM2Vec4CXRSentenceEncoder.preprocess`
+  prepends it and pools it out.
 """
 
 import json
@@ -19,10 +23,9 @@ import re
 import shutil
 
 import torch
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
 from .fileio import atomic_write_folder
-from .losses import info_nce_loss
 from .modeling.modeling_llm2vec4cxr import LLM2Vec4CXRModel
 
 logger = logging.getLogger(__name__)
@@ -38,9 +41,12 @@ def mntp_model_for(encoder: LLM2Vec4CXRModel):
     Training it trains `encoder.model` in place; only the LM head is extra and stays behind.
     """
     lm = AutoModelForCausalLM.from_config(encoder.config.backbone_config)
-    if type(lm.model) is not type(encoder.model):
-        raise TypeError(f"{type(lm).__name__}.model is a {type(lm.model).__name__}, the encoder's backbone a {type(encoder.model).__name__}.")
-    lm.model = encoder.model
+    backbone = encoder.model
+    # A LoRA-wrapped backbone (peft) is shared as it is: its base model must be the LM's backbone class.
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    if type(lm.model) is not type(base):
+        raise TypeError(f"{type(lm).__name__}.model is a {type(lm.model).__name__}, the encoder's backbone a {type(base).__name__}.")
+    lm.model = backbone
     return lm
 
 
@@ -81,58 +87,53 @@ def set_attention_dropout(encoder: LLM2Vec4CXRModel, probability: float) -> None
             module.attention_dropout = probability
 
 
-class ContrastiveCollator:
-    """Tokenizes rows of {"anchor", "positive"[, "negative"]} texts into one batch for one forward pass.
+def sentence_transformer_for(encoder: LLM2Vec4CXRModel, bucket_rows: int = 32):
+    """`encoder` as a `SentenceTransformer` (sharing its weights) with the config's named instructions as
+    prompts. `bucket_rows`: rows per length-sorted bucket of a training forward (see
+    `LLM2Vec4CXRSentenceEncoder.forward`)."""
+    from sentence_transformers import SentenceTransformer
 
-    Returns `input_ids`, `attention_mask`, `embed_mask` for all texts stacked as
-    [anchors; positives; negatives] and `num_per_role` so the trainer can split the embeddings.
+    from .modeling.modeling_llm2vec4cxr import LLM2Vec4CXRSentenceEncoder
+
+    return SentenceTransformer(
+        modules=[LLM2Vec4CXRSentenceEncoder(encoder, bucket_rows=bucket_rows)],
+        prompts=dict(encoder.config.instructions) or None,
+        default_prompt_name=encoder.config.default_instruction_name,
+        similarity_fn_name="cosine",
+    )
+
+
+def contrastive_loss(
+    model,
+    batch_size: int,
+    mini_batch_size: int | None = None,
+    scale: float = 20.0,
+    symmetric: bool = False,
+    gather_across_devices: bool = True,
+):
+    """sentence-transformers' in-batch-negatives InfoNCE for a `SentenceTransformer` `model`.
+
+    Cached (GradCache: embed in mini-batches without a graph, compute the full-batch loss, back-propagate
+    through the cached embedding gradients) when `mini_batch_size` is below `batch_size`: same loss and
+    gradients, memory of one mini-batch. `symmetric` adds the positive->anchor direction (for pairs whose
+    two sides are both queries and documents, such as findings and impression), one softmax per direction.
     """
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
 
-    def __init__(self, encoder: LLM2Vec4CXRModel, instruction: str | None = None, columns=CONTRASTIVE_ROLES):
-        self.tokenize = encoder.tokenize
-        self.instruction = instruction
-        self.columns = tuple(columns)
-
-    def __call__(self, rows: list[dict]) -> dict:
-        present = [column for column in self.columns if column in rows[0] and rows[0][column] is not None]
-        if present[:2] != list(self.columns[:2]):
-            raise ValueError(f"Contrastive rows need {self.columns[:2]} columns; got keys {sorted(rows[0])}.")
-        texts = [row[column] for column in present for row in rows]
-        batch = self.tokenize(texts, instruction=self.instruction)
-        batch["num_per_role"] = torch.tensor([len(rows)] * len(present))
-        return batch
-
-
-class ContrastiveTrainer(Trainer):
-    """`Trainer` whose loss is in-batch + hard-negative InfoNCE on the pooled embeddings.
-
-    Args:
-        scale: cosine similarity multiplier (inverse temperature); 20 as in sentence-transformers.
-        gather_across_processes: score anchors against the candidates of every process.
-    """
-
-    def __init__(self, *args, scale: float = 20.0, gather_across_processes: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scale = scale
-        self.gather_across_processes = gather_across_processes
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        counts = inputs.pop("num_per_role").tolist()
-        embeddings = model(**inputs).pooler_output.split(counts)
-        loss = info_nce_loss(
-            embeddings[0],
-            embeddings[1],
-            embeddings[2] if len(embeddings) > 2 else None,
-            scale=self.scale,
-            gather=self.gather_across_processes,
-        )
-        return (loss, {"embeddings": embeddings}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # Evaluation reports the contrastive loss only: the default would try to collect logits.
-        with torch.no_grad():
-            loss = self.compute_loss(model, dict(inputs))
-        return loss.detach(), None, None
+    if mini_batch_size is not None and mini_batch_size < 1:
+        raise ValueError(f"`mini_batch_size` must be positive, got {mini_batch_size}.")
+    settings = {
+        "scale": scale,
+        "gather_across_devices": gather_across_devices,
+        "directions": ("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",),
+        "partition_mode": "per_direction" if symmetric else "joint",
+    }
+    if mini_batch_size is not None and mini_batch_size < batch_size:
+        return CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size, **settings)
+    return MultipleNegativesRankingLoss(model, **settings)
 
 
 def parse_recipe_arguments(recipe_arguments_class, argv=None):
@@ -141,9 +142,12 @@ def parse_recipe_arguments(recipe_arguments_class, argv=None):
     search (every parameter takes part in each step)."""
     import sys
 
-    from transformers import HfArgumentParser, TrainingArguments
+    from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((recipe_arguments_class, TrainingArguments))
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    # sentence-transformers' arguments extend transformers' (batch samplers, prompts); the MNTP stage ignores them.
+    parser = HfArgumentParser((recipe_arguments_class, SentenceTransformerTrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         args, training_args = parser.parse_yaml_file(os.path.abspath(argv[0]))
