@@ -4,7 +4,7 @@ import random
 import numpy as np
 import pytest
 
-from llm2clip4cxr.evaluation.harness import run_evaluation, write_results
+from llm2clip4cxr.evaluation.harness import TASKS, run_evaluation, write_results
 from llm2clip4cxr.evaluation.report_tasks import (
     Scorer,
     bm25_scorer,
@@ -36,7 +36,8 @@ def test_paraphrase_retrieval_with_exact_ranks():
     assert queries["b"] is None and queries["a"] and queries["c"]
     vectors = {reports["a"]: [1, 0], reports["b"]: [0, 1], reports["c"]: [0.6, 0.8],
                queries["a"][0]: [0, 1], queries["c"][0]: [0.6, 0.8]}
-    result = paraphrase_retrieval(lookup_encoder(vectors), reports, seed=7)
+    result = paraphrase_retrieval(lookup_encoder(vectors), reports, seed=7, families="training")
+    assert result["families"] == sorted({queries["a"][1], queries["c"][1]})
     # a's paraphrase scores (0, 1, .8): its original is 3rd; c's scores (.6, .8, 1): 1st.
     assert result["num_queries"] == 2 and result["num_corpus"] == 3
     assert result["recall@1"] == pytest.approx(0.5)
@@ -114,7 +115,12 @@ def test_harness_writes_three_files_deterministically(tmp_path):
     first = run_evaluation(models, ROWS, seed=3)
     again = run_evaluation(models, ROWS, seed=3)
     assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
-    assert set(first["models"]["bm25"]) == {"findings_to_impression", "paraphrase", "error_discrimination", "zero_shot_labels"}
+    assert set(first["models"]["bm25"]) == set(TASKS)
+    assert "embedding_spread" in first["models"]["bow"] and "mean_pairwise_cosine" in first["models"]["bow"]["embedding_spread"]
+    assert "mean_pairwise_cosine" not in first["models"]["bm25"]["embedding_spread"]  # BM25 has no embedding space
+    families = first["variant_families"]
+    assert not set(families["evaluation"]["positive"]) & set(families["training_families_not_used_here"])
+    assert not set(families["evaluation"]["negative"]) & set(families["training_families_not_used_here"])
     paths = write_results(first, tmp_path / "a")
     write_results(again, tmp_path / "b")
     for name in ("results.json", "results.md", "recall.png"):
@@ -134,3 +140,103 @@ def test_harness_validates_tasks_and_columns():
         run_evaluation({"bow": bag_of_words_encoder}, no_labels)
     only_retrieval = run_evaluation({"bow": bag_of_words_encoder}, no_labels, tasks=["findings_to_impression"])
     assert list(only_retrieval["models"]["bow"]) == ["findings_to_impression"]
+
+
+def test_strict_findings_to_impression_counts_one_unique_target_per_query():
+    # Three studies share the impression "No acute disease."; the query of study 2 ranks another study's
+    # impression "Cardiomegaly." first. Strict (collapse): 2 unique impressions, rank 2. With every copy kept
+    # and counted as relevant the corpus holds 4 impressions, and the ranks of all others change with it.
+    studies = [
+        {"uid": "0", "findings": "q0", "impression": "No acute disease."},
+        {"uid": "1", "findings": "q1", "impression": "No acute disease."},
+        {"uid": "2", "findings": "q2", "impression": "No acute disease."},
+        {"uid": "3", "findings": "q3", "impression": "Cardiomegaly."},
+    ]
+    vectors = {"q0": [1, 0], "q1": [1, 0], "q2": [0.6, 0.8], "q3": [0, 1],
+               "No acute disease.": [1, 0], "Cardiomegaly.": [0, 1]}
+    encoder = lookup_encoder(vectors)
+    strict = findings_to_impression_retrieval(encoder, studies)
+    lenient = findings_to_impression_retrieval(encoder, studies, duplicate_rule="count_as_relevant")
+    assert strict["duplicate_rule"] == "collapse" and strict["num_corpus"] == 2 and lenient["num_corpus"] == 4
+    assert strict["recall@1"] == pytest.approx(0.75) == lenient["recall@1"]
+    assert strict["mean_rank"] == pytest.approx(1.25) and lenient["mean_rank"] == pytest.approx(1.25)
+    result = run_evaluation({"lookup": encoder}, studies, tasks=["findings_to_impression"])
+    task = result["models"]["lookup"]["findings_to_impression"]
+    assert task["recall@1"] == strict["recall@1"] and task["count_as_relevant"]["mrr"] == pytest.approx(lenient["mrr"])
+
+
+def test_paraphrase_task_uses_held_out_families_by_default():
+    from llm2clip4cxr.evaluation.heldout_variants import HELDOUT_POSITIVE_FAMILIES
+
+    reports = {row["uid"]: row["findings"] + " " + row["impression"] for row in ROWS}
+    result = paraphrase_retrieval(bag_of_words_encoder, reports, seed=0)
+    assert result["num_queries"] > 0 and set(result["families"]) <= set(HELDOUT_POSITIVE_FAMILIES)
+    with pytest.raises(ValueError, match="'heldout' or 'training'"):
+        paraphrase_retrieval(bag_of_words_encoder, reports, families="mine")
+
+
+def test_clinical_ordering_accuracy_per_category(tmp_path):
+    from llm2clip4cxr.evaluation.report_tasks import clinical_ordering, load_clinical_ordering_suite
+
+    suite_file = tmp_path / "suite.jsonl"
+    suite_file.write_text(
+        '{"category": "laterality", "query": "q", "equivalent": "e1", "different": "d1"}\n\n'
+        '{"category": "laterality", "query": "q", "equivalent": "e2", "different": "d2", "note": "x"}\n'
+        '{"category": "negation", "query": "q", "equivalent": "e3", "different": "d3"}\n'
+    )
+    suite = load_clinical_ordering_suite(suite_file)
+    vectors = {"q": [1, 0], "e1": [1, 0], "d1": [0, 1], "e2": [0, 1], "d2": [1, 0], "e3": [0.6, 0.8], "d3": [0.6, 0.8]}
+    result = clinical_ordering(lookup_encoder(vectors), suite)
+    assert result["accuracy"] == pytest.approx(1 / 3)  # the tie of e3/d3 is a failure
+    assert result["per_category"] == {"laterality": {"accuracy": 0.5, "num_triplets": 2},
+                                      "negation": {"accuracy": 0.0, "num_triplets": 1}}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"category": "x", "query": "q", "equivalent": "e"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 1: 'different' must be a non-empty string"):
+        load_clinical_ordering_suite(bad)
+    bad.write_text('{"category": "x", "query": "q",\n')
+    with pytest.raises(ValueError, match=r"line 1: not valid JSON"):
+        load_clinical_ordering_suite(bad)
+
+
+def test_the_shipped_clinical_ordering_suite_covers_every_category():
+    from llm2clip4cxr.evaluation.report_tasks import load_clinical_ordering_suite
+
+    suite = load_clinical_ordering_suite()
+    counts = {}
+    for row in suite:
+        counts[row["category"]] = counts.get(row["category"], 0) + 1
+        assert len({row["query"], row["equivalent"], row["different"]}) == 3
+    assert len(suite) >= 150
+    assert set(counts) == {"normal_paraphrase", "negation", "laterality", "severity_size", "change_over_time",
+                           "devices_lines"}
+    assert min(counts.values()) >= 25
+
+
+def test_embedding_spread_sees_a_collapsed_space():
+    collapsed = lambda texts: np.ones((len(texts), 4), dtype=np.float32) / 2  # noqa: E731
+    reports = [row["findings"] for row in ROWS]
+    spread = __import__("llm2clip4cxr.evaluation.report_tasks", fromlist=["x"]).embedding_spread
+    result = spread(collapsed, reports, ROWS)
+    assert result["mean_pairwise_cosine"] == pytest.approx(1.0) and result["mean_top1_minus_median"] == 0.0
+    assert spread(bag_of_words_encoder, reports, ROWS)["mean_pairwise_cosine"] < 0.5
+
+
+def test_evaluate_module_loads_offline_and_equals_the_harness():
+    import evaluate
+
+    from llm2clip4cxr.evaluation import ranking_metrics, report_retrieval_metric_path, retrieval_metrics
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(30, 50))
+    query_ids, corpus_ids = [f"q{i}" for i in range(30)], [f"c{j}" for j in range(50)]
+    relevant = {q: {corpus_ids[i], corpus_ids[(7 * i) % 50]} for i, q in enumerate(query_ids)}
+    metric = evaluate.load(str(report_retrieval_metric_path()))
+    rankings = [[corpus_ids[j] for j in np.argsort(-row)] for row in scores]
+    computed = metric.compute(predictions=rankings, references=[sorted(relevant[q]) for q in query_ids], ks=[1, 5, 10])
+    expected = retrieval_metrics(scores, query_ids, corpus_ids, relevant)
+    for key in ("recall@1", "recall@5", "recall@10", "mrr"):
+        assert computed[key] == pytest.approx(expected[key])
+    truncated = {q: ranked[:10] for q, ranked in zip(query_ids, rankings)}
+    computed_top10 = metric.compute(predictions=list(truncated.values()), references=[sorted(relevant[q]) for q in query_ids])
+    assert computed_top10["recall@10"] == pytest.approx(ranking_metrics(truncated, relevant)["recall@10"])

@@ -15,25 +15,34 @@ from pathlib import Path
 from ..fileio import atomic_write
 from .report_tasks import (
     Model,
+    clinical_ordering,
+    embedding_spread,
     error_discrimination,
     findings_to_impression_retrieval,
+    load_clinical_ordering_suite,
     paraphrase_retrieval,
     parse_problems,
     zero_shot_label_auroc,
 )
 
-TASKS = ("findings_to_impression", "paraphrase", "error_discrimination", "zero_shot_labels")
+TASKS = (
+    "findings_to_impression", "paraphrase", "error_discrimination", "clinical_ordering", "embedding_spread",
+    "zero_shot_labels",
+)
 RETRIEVAL_TASKS = ("findings_to_impression", "paraphrase")
 RECALL_KS = (1, 5, 10)
 # Columns of results.md: (task, metric key, header).
 _TABLE_COLUMNS = (
-    *((task, f"recall@{k}", f"{label} R@{k}") for task, label in (("findings_to_impression", "F→I"), ("paraphrase", "Para"))
-      for k in RECALL_KS),
-    ("findings_to_impression", "mrr", "F→I MRR"),
+    ("findings_to_impression", "recall@1", "F→I R@1 (strict)"),
+    ("findings_to_impression", "recall@10", "F→I R@10 (strict)"),
+    ("findings_to_impression", "mrr", "F→I MRR (strict)"),
+    ("findings_to_impression", "count_as_relevant.recall@1", "F→I R@1 (duplicates as hits)"),
+    ("paraphrase", "recall@1", "Para R@1"),
     ("paraphrase", "mrr", "Para MRR"),
-    ("error_discrimination", "accuracy", "Error acc"),
+    ("error_discrimination", "macro_accuracy", "Error acc (macro)"),
+    ("clinical_ordering", "accuracy", "Clinical ordering"),
+    ("embedding_spread", "mean_pairwise_cosine", "Mean cos"),
     ("zero_shot_labels", "macro_auroc", "Zero-shot AUROC"),
-    ("zero_shot_labels", "macro_f1", "Zero-shot F1"),
 )
 RESULT_FILES = ("results.json", "results.md", "recall.png")
 
@@ -51,6 +60,7 @@ def run_evaluation(
     *,
     triplets: Sequence[dict] | None = None,
     label_prompts: Mapping[str, str] | None = None,
+    ordering_suite: Sequence[dict] | None = None,
 ) -> dict:
     """Score every model on every task.
 
@@ -58,12 +68,15 @@ def run_evaluation(
         encoders: name -> Encoder or Scorer (see `report_tasks`).
         data: report rows with `uid`, `findings`, `impression` and, for "zero_shot_labels", `Problems`.
         tasks: a subset of `TASKS`, run in the given order.
-        seed: seeds the paraphrases and the generated error triplets.
+        seed: seeds the paraphrases, the generated error triplets and the embedding-spread sample.
         triplets: error-discrimination triplets to use instead of generating them from `data`.
         label_prompts: label -> prompt for "zero_shot_labels" (default `DEFAULT_LABEL_PROMPTS`).
+        ordering_suite: rows of a clinical ordering suite (default: the one shipped in the package).
 
     Returns:
-        `{"seed", "num_studies", "tasks", "models": {name: {task: metrics}}}`, JSON-serialisable.
+        `{"seed", "num_studies", "tasks", "variant_families", "models": {name: {task: metrics}}}`,
+        JSON-serialisable. `variant_families` names the generator families the paraphrase and error tasks
+        were built with (held-out, evaluation-only) and the training families they exclude.
     """
     tasks = list(tasks)
     unknown = [task for task in tasks if task not in TASKS]
@@ -78,28 +91,66 @@ def run_evaluation(
     if len(reports) != len(rows):
         raise ValueError("Study `uid`s must be unique.")
 
+    from ..report_variants import TRAINING_FAMILIES
+    from .heldout_variants import HELDOUT_NEGATIVE_FAMILIES, HELDOUT_POSITIVE_FAMILIES, build_heldout_triplets
+
     # Task inputs are built once so that every model sees exactly the same queries.
     inputs = {}
     if "error_discrimination" in tasks:
-        if triplets is None:
-            from ..report_variants import build_triplets
-
-            triplets = build_triplets(rows, seed=seed)
-        inputs["error_discrimination"] = list(triplets)
+        if triplets is not None:
+            inputs["error_discrimination"] = {"given": list(triplets)}
+        else:  # one triplet set per held-out negative family, so no family dominates the average
+            texts = [report_text(row) for row in rows]
+            inputs["error_discrimination"] = {
+                family: built
+                for family in HELDOUT_NEGATIVE_FAMILIES
+                if (built := build_heldout_triplets(texts, seed=seed, negative_kinds=[family]))
+            }
+    if "clinical_ordering" in tasks:
+        inputs["clinical_ordering"] = list(ordering_suite) if ordering_suite is not None else load_clinical_ordering_suite()
     if "zero_shot_labels" in tasks:
         missing = next((row["uid"] for row in rows if "Problems" not in row), None)
         if missing is not None:
             raise ValueError(f"Task 'zero_shot_labels' needs a `Problems` column; study {missing!r} has none.")
         inputs["zero_shot_labels"] = {str(row["uid"]): parse_problems(row["Problems"]) for row in rows}
 
+    def findings_to_impression(model):
+        strict = findings_to_impression_retrieval(model, rows, duplicate_rule="collapse", ks=RECALL_KS)
+        lenient = findings_to_impression_retrieval(model, rows, duplicate_rule="count_as_relevant", ks=RECALL_KS)
+        strict["count_as_relevant"] = {key: lenient[key] for key in (*(f"recall@{k}" for k in RECALL_KS), "mrr")}
+        return strict
+
+    def errors(model):
+        per_family = {family: error_discrimination(model, built) for family, built in inputs["error_discrimination"].items()}
+        return {
+            "macro_accuracy": float(sum(r["accuracy"] for r in per_family.values()) / len(per_family)),
+            "chance": 0.5,
+            "per_family": per_family,
+        }
+
     run = {
-        "findings_to_impression": lambda model: findings_to_impression_retrieval(model, rows, ks=RECALL_KS),
+        "findings_to_impression": findings_to_impression,
         "paraphrase": lambda model: paraphrase_retrieval(model, reports, seed=seed, ks=RECALL_KS),
-        "error_discrimination": lambda model: error_discrimination(model, inputs["error_discrimination"]),
+        "error_discrimination": errors,
+        "clinical_ordering": lambda model: clinical_ordering(model, inputs["clinical_ordering"]),
+        "embedding_spread": lambda model: embedding_spread(model, list(reports.values()), rows, seed=seed),
         "zero_shot_labels": lambda model: zero_shot_label_auroc(model, reports, inputs["zero_shot_labels"], label_prompts),
     }
     models = {name: {task: run[task](model) for task in tasks} for name, model in encoders.items()}
-    return {"seed": seed, "num_studies": len(rows), "tasks": tasks, "models": models}
+    families = {
+        "evaluation": {"positive": sorted(HELDOUT_POSITIVE_FAMILIES),
+                       "negative": sorted(inputs.get("error_discrimination", HELDOUT_NEGATIVE_FAMILIES))},
+        "training_families_not_used_here": list(TRAINING_FAMILIES),
+    }
+    return {"seed": seed, "num_studies": len(rows), "tasks": tasks, "variant_families": families, "models": models}
+
+
+def _cell(metrics: Mapping, task: str, dotted_key: str) -> str:
+    """A table cell: the metric at `dotted_key` of `task`, or "–" where it does not apply (BM25 has no space)."""
+    value = metrics.get(task)
+    for part in dotted_key.split("."):
+        value = value.get(part) if isinstance(value, Mapping) else None
+    return "–" if value is None else f"{value:.3f}"
 
 
 def results_markdown(results: Mapping) -> str:
@@ -110,19 +161,30 @@ def results_markdown(results: Mapping) -> str:
         "|---|" + "---|" * len(columns),
     ]
     for name, metrics in results["models"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{metrics[task][key]:.3f}" for task, key, _ in columns) + " |")
+        cells = [_cell(metrics, task, key) for task, key, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = [f"{results['num_studies']} studies, seed {results['seed']}."]
     first = next(iter(results["models"].values()))
     if "findings_to_impression" in first:
-        notes.append(f"F→I: findings→impression retrieval, {first['findings_to_impression']['num_queries']} queries.")
+        task = first["findings_to_impression"]
+        notes.append(f"F→I: findings→impression retrieval, {task['num_queries']} queries; strict = one relevant "
+                     f"target among {task['num_corpus']} unique impressions (identical impressions collapsed); "
+                     "'duplicates as hits' keeps every copy and counts each as relevant (flatters common normal "
+                     "impressions).")
     if "paraphrase" in first:
-        notes.append(f"Para: paraphrase→original retrieval, {first['paraphrase']['num_queries']} queries "
-                     f"among {first['paraphrase']['num_corpus']} reports.")
+        task = first["paraphrase"]
+        notes.append(f"Para: held-out-family paraphrase→original retrieval ({', '.join(task['families'])}), "
+                     f"{task['num_queries']} queries among {task['num_corpus']} reports.")
     if "error_discrimination" in first:
-        notes.append(f"Error acc: {first['error_discrimination']['num_triplets']} triplets, chance 0.5.")
+        families = ", ".join(first["error_discrimination"]["per_family"])
+        notes.append(f"Error acc: macro mean over the held-out negative families ({families}), chance 0.5.")
+    if "clinical_ordering" in first:
+        notes.append(f"Clinical ordering: {first['clinical_ordering']['num_triplets']} hand-written triplets, "
+                     "chance 0.5.")
+    if "embedding_spread" in first:
+        notes.append("Mean cos: mean pairwise cosine of random reports (near 1: a collapsed space).")
     if "zero_shot_labels" in first:
-        notes.append(f"Zero-shot: macro over {first['zero_shot_labels']['num_labels']} Problems labels; "
-                     "F1 of 'label prompt beats the normal prompt'.")
+        notes.append(f"Zero-shot: macro over {first['zero_shot_labels']['num_labels']} Problems labels.")
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 

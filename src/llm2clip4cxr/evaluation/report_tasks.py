@@ -8,16 +8,22 @@ A *model* is either
 Every task scores through `score_matrix`, so both kinds are evaluated by the same code.
 
 Tasks:
-    findings_to_impression_retrieval: each study's findings retrieves its own impression among all
+    findings_to_impression_retrieval: each study's findings retrieves its own impression among the
         impressions (R@K, MRR, ranks). Many impressions are word-for-word identical ("No acute
-        cardiopulmonary disease."); by default identical impressions all count as relevant
-        (`duplicate_rule="count_as_relevant"`, as the LLM2Vec4CXR authors' script does).
-    paraphrase_retrieval: a clinically-equivalent variant of each report (`make_positive`, seeded per
-        report) retrieves its original among all originals (R@K, MRR; identical originals count as
-        relevant).
+        cardiopulmonary disease."): by default (`duplicate_rule="collapse"`, the strict headline) they are
+        collapsed into one corpus entry, so each query has exactly one relevant target among unique
+        impressions; "count_as_relevant" (the LLM2Vec4CXR authors' script) keeps every copy in the corpus
+        and counts each as a hit, which flatters a model that ranks common normal impressions first.
+    paraphrase_retrieval: a clinically-equivalent variant of each report, made by the HELD-OUT variant
+        families (`heldout_variants`, never used for training), retrieves its original among all originals
+        (R@K, MRR; identical originals count as relevant).
     error_discrimination: for (anchor, clinically-equivalent positive, clinically-wrong negative)
-        triplets, the fraction where the anchor is closer to the positive (chance: 0.5; ties count
-        as failures).
+        triplets, by default made by the held-out families, the fraction where the anchor is closer to the
+        positive (chance: 0.5; ties count as failures).
+    clinical_ordering: the same test on the hand-written clinical ordering suite
+        (`resources/clinical_ordering.jsonl`, see `load_clinical_ordering_suite`), per category.
+    embedding_spread: how collapsed an embedding space is: mean pairwise cosine of (up to) 1,000 random
+        reports, and for findings->impression queries the mean top-1 score, median score and their gap.
     zero_shot_label_auroc: report-level zero-shot classification. Per label, AUROC of
         cosine(report, label prompt) against the report's labels, and F1 of the fixed rule
         "cosine(report, label prompt) > cosine(report, normal prompt)" (no threshold is tuned on the
@@ -134,10 +140,11 @@ def studies_with_findings_and_impression(studies: Sequence[dict]) -> tuple[list[
 
 
 def findings_to_impression_retrieval(
-    encoder: Model, studies: Sequence[dict], duplicate_rule: str = "count_as_relevant", ks=(1, 5, 10)
+    encoder: Model, studies: Sequence[dict], duplicate_rule: str = "collapse", ks=(1, 5, 10)
 ) -> dict[str, float]:
     """Retrieve each study's impression from its findings. `studies`: dicts with `uid`, `findings`,
-    `impression` (studies missing either are skipped)."""
+    `impression` (studies missing either are skipped). `duplicate_rule`: see the module docstring; the
+    result names it and the number of corpus entries."""
     studies, ids = studies_with_findings_and_impression(studies)
     resolution = relevant_with_duplicates(
         {uid: study["findings"] for uid, study in zip(ids, studies)},
@@ -148,11 +155,13 @@ def findings_to_impression_retrieval(
     scores = score_matrix(encoder, [study["findings"] for study in studies], [study["impression"] for study in studies])
     metrics = retrieval_metrics(resolution.select(scores), ids, resolution.corpus_ids, resolution.relevant, ks=ks)
     metrics["num_queries"] = len(ids)
+    metrics["num_corpus"] = len(resolution.corpus_ids)
+    metrics["duplicate_rule"] = duplicate_rule
     return metrics
 
 
-def error_discrimination(encoder: Model, triplets: Sequence[dict]) -> dict[str, float]:
-    """Accuracy of preferring the clinically-equivalent positive over the clinically-wrong negative."""
+def _prefers_positive(encoder: Model, triplets: Sequence[dict]) -> np.ndarray:
+    """Per triplet, whether the anchor scores strictly higher with the positive than with the negative."""
     if not triplets:
         raise ValueError("No triplets to score.")
     anchors = [triplet["anchor"] for triplet in triplets]
@@ -167,11 +176,17 @@ def error_discrimination(encoder: Model, triplets: Sequence[dict]) -> dict[str, 
         embedded = encoder(anchors)
         positive = np.sum(embedded * encoder(positives), axis=1)
         negative = np.sum(embedded * encoder(negatives), axis=1)
-    return {"accuracy": float(np.mean(positive > negative)), "chance": 0.5, "num_triplets": len(triplets)}
+    return positive > negative
+
+
+def error_discrimination(encoder: Model, triplets: Sequence[dict]) -> dict[str, float]:
+    """Accuracy of preferring the clinically-equivalent positive over the clinically-wrong negative."""
+    return {"accuracy": float(np.mean(_prefers_positive(encoder, triplets))), "chance": 0.5,
+            "num_triplets": len(triplets)}
 
 
 def paraphrase_retrieval(
-    encoder: Model, reports: Mapping[str, str] | Sequence[str], seed: int = 0, ks=(1, 5, 10)
+    encoder: Model, reports: Mapping[str, str] | Sequence[str], seed: int = 0, ks=(1, 5, 10), families="heldout"
 ) -> dict[str, float]:
     """A clinically-equivalent variant of each report retrieves its original among all originals.
 
@@ -181,26 +196,128 @@ def paraphrase_retrieval(
             reports that no positive generator changes get no query.
         seed: variants are drawn with `random.Random(f"{seed}:{id}")` per report, so a report's query
             does not depend on the others.
+        families: "heldout" (default): the evaluation-only families of `heldout_variants`; "training": the
+            rule families models are trained on (`report_variants.make_positive`), which measures rule
+            learning rather than generalisation and is kept only for comparison.
 
     Returns:
-        `retrieval_metrics` keys plus `num_queries` and `num_corpus`. Identical originals (after
-        `normalize_report_text`) all count as relevant ("count_as_relevant").
+        `retrieval_metrics` keys plus `num_queries`, `num_corpus` and `families` (the generator families
+        used). Identical originals (after `normalize_report_text`) all count as relevant.
     """
-    from ..report_variants import make_positive
+    if families == "heldout":
+        from .heldout_variants import make_heldout_positive as make_positive
+    elif families == "training":
+        from ..report_variants import make_positive
+    else:
+        raise ValueError(f"`families` must be 'heldout' or 'training', got {families!r}.")
 
     corpus = _id_texts(reports)
-    queries = {}
+    queries, used = {}, set()
     for report_id, text in corpus.items():
         variant = make_positive(text, random.Random(f"{seed}:{report_id}"))
         if variant is not None:
             queries[report_id] = variant[0]
+            used.add(variant[1])
     if not queries:
         raise ValueError("No report could be paraphrased (make_positive changed none of them); nothing to retrieve.")
     resolution = relevant_with_duplicates(queries, corpus, {uid: {uid} for uid in queries}, "count_as_relevant")
     scores = score_matrix(encoder, list(queries.values()), list(corpus.values()))
     metrics = retrieval_metrics(resolution.select(scores), list(queries), resolution.corpus_ids, resolution.relevant, ks=ks)
     metrics["num_queries"], metrics["num_corpus"] = len(queries), len(corpus)
+    metrics["families"] = sorted(used)
     return metrics
+
+
+CLINICAL_ORDERING_RESOURCE = "resources/clinical_ordering.jsonl"
+_ORDERING_KEYS = ("category", "query", "equivalent", "different")
+
+
+def load_clinical_ordering_suite(path=None) -> list[dict]:
+    """The clinical ordering suite: hand-written (query, clinically equivalent, clinically different) triplets.
+
+    Format (JSONL, UTF-8, one object per line; add your own file in the same format): `category` (any
+    name; the shipped suite uses normal_paraphrase, negation, laterality, severity_size, change_over_time,
+    devices_lines), `query`, `equivalent` (the same clinical findings written differently), `different`
+    (one clinically meaningful change), and an optional free-text `note`. Blank lines are skipped.
+    `path=None` reads the suite shipped in the package. Raises ValueError naming the file and line of a
+    malformed row.
+    """
+    if path is None:
+        import importlib.resources
+
+        text = importlib.resources.files("llm2clip4cxr").joinpath(CLINICAL_ORDERING_RESOURCE).read_text("utf-8")
+        source = f"llm2clip4cxr/{CLINICAL_ORDERING_RESOURCE}"
+    else:
+        from pathlib import Path
+
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start}).") from None
+    import json
+
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{source}, line {line_number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object with keys {_ORDERING_KEYS}.")
+        for key in _ORDERING_KEYS:
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"{where}: '{key}' must be a non-empty string; each row needs {_ORDERING_KEYS}.")
+        rows.append({key: row[key] for key in (*_ORDERING_KEYS, "note") if key in row})
+    if not rows:
+        raise ValueError(f"{source}: no triplets.")
+    return rows
+
+
+def clinical_ordering(encoder: Model, suite: Sequence[dict]) -> dict:
+    """Accuracy of ranking `equivalent` above `different` for each `query` of a clinical ordering suite,
+    overall and per category (chance 0.5; a tie counts as a failure)."""
+    triplets = [{"anchor": row["query"], "positive": row["equivalent"], "negative": row["different"]} for row in suite]
+    correct = _prefers_positive(encoder, triplets)
+    per_category: dict[str, list[bool]] = {}
+    for row, ok in zip(suite, correct):
+        per_category.setdefault(row["category"], []).append(bool(ok))
+    return {
+        "accuracy": float(np.mean(correct)),
+        "chance": 0.5,
+        "num_triplets": len(suite),
+        "per_category": {
+            name: {"accuracy": float(np.mean(values)), "num_triplets": len(values)}
+            for name, values in sorted(per_category.items())
+        },
+    }
+
+
+def embedding_spread(encoder: Model, reports: Sequence[str], studies: Sequence[dict], seed: int = 0,
+                     sample_size: int = 1000) -> dict:
+    """Collapse/anisotropy figures of an Encoder: mean pairwise cosine of up to `sample_size` random reports
+    (near 1: everything looks alike), and, over the findings->impression queries, the mean top-1 cosine, the
+    mean median cosine and the mean gap between them (small: the ranking hangs on tiny differences).
+    A Scorer (no embedding space) gets only the score gap."""
+    rng = np.random.default_rng(seed)
+    reports = list(reports)
+    chosen = [reports[i] for i in sorted(rng.choice(len(reports), min(sample_size, len(reports)), replace=False))]
+    result = {}
+    if not isinstance(encoder, Scorer):
+        embedded = np.asarray(encoder(chosen), dtype=np.float64)
+        gram = embedded @ embedded.T
+        n = len(chosen)
+        result["mean_pairwise_cosine"] = float((gram.sum() - np.trace(gram)) / max(n * (n - 1), 1))
+        result["num_reports"] = n
+    studies, _ = studies_with_findings_and_impression(studies)
+    scores = score_matrix(encoder, [s["findings"] for s in studies], [s["impression"] for s in studies])
+    top1, median = scores.max(axis=1), np.median(scores, axis=1)
+    result.update({"mean_top1_score": float(top1.mean()), "mean_median_score": float(median.mean()),
+                   "mean_top1_minus_median": float((top1 - median).mean())})
+    return result
 
 
 # Open-I `Problems` labels with at least ~80 reports, each with a short positive statement.
