@@ -301,11 +301,13 @@ def _eval(args) -> int:
     encoders = {}
     if not args.no_model:
         model = _load_text_encoder(args.model)
-        instruction = args.instruction
-        if instruction is None:  # the instruction the checkpoint was trained with, if it records one
-            instruction = (getattr(model.config, "instructions", None) or {}).get("findings")
         name = Path(args.model).name if args.model else "llm2vec4cxr-tiny (default)"
-        encoders[name] = report_tasks.llm2vec_encoder(model, instruction=instruction, batch_size=args.batch_size)
+        # instruction None: the one the checkpoint was trained with (config.default_instruction).
+        encoders[name] = report_tasks.llm2vec_encoder(model, instruction=args.instruction, batch_size=args.batch_size)
+        if args.hybrid:
+            from .hybrid import HybridScorer
+
+            encoders[f"hybrid ({name} + bm25, {args.fusion})"] = HybridScorer(encoders[name], method=args.fusion)
     for baseline in args.baseline:
         if baseline == "tfidf":  # fitted on the evaluated reports themselves (unsupervised, no labels)
             encoders["tfidf"] = report_tasks.tfidf_encoder([harness.report_text(row) for row in rows])
@@ -324,8 +326,10 @@ def _eval(args) -> int:
     if not encoders:
         raise ValueError("nothing to evaluate: --no-model was given without --baseline, --st-model or --clip-baseline.")
 
+    ordering_suite = report_tasks.load_clinical_ordering_suite(args.ordering_suite) if args.ordering_suite else None
     results = harness.run_evaluation(
-        encoders, rows, tasks=args.tasks, seed=args.seed, triplets=triplets, label_prompts=label_prompts
+        encoders, rows, tasks=args.tasks, seed=args.seed, triplets=triplets, label_prompts=label_prompts,
+        ordering_suite=ordering_suite,
     )
     results["data"] = str(csv_path)
     paths = harness.write_results(results, args.output_dir)
@@ -337,7 +341,13 @@ def _eval(args) -> int:
     return EXIT_OK
 
 
-def _add_model_options(parser, instruction_help="instruction prepended to every report and pooled out (default: none)"):
+_INSTRUCTION_HELP = (
+    "instruction prepended to every report and pooled out (default: the one the model was trained with; "
+    '"" for none)'
+)
+
+
+def _add_model_options(parser, instruction_help=_INSTRUCTION_HELP):
     parser.add_argument("--model", help="a saved LLM2Vec4CXR checkpoint directory (default: the shipped LLM2Vec4CXR-tiny)")
     parser.add_argument("--instruction", default=None, help=instruction_help)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -374,9 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     similarity.add_argument("reports", nargs="*", help="report texts")
     similarity.add_argument("--file", help="a text file with one report per line (added after the arguments)")
     similarity.add_argument("--model", help="a saved LLM2Vec4CXR checkpoint directory (default: the shipped LLM2Vec4CXR-tiny)")
-    similarity.add_argument(
-        "--instruction", default=None, help="instruction prepended to every report and pooled out (default: none)"
-    )
+    similarity.add_argument("--instruction", default=None, help=_INSTRUCTION_HELP)
     similarity.add_argument("--batch-size", type=int, default=32)
     similarity.add_argument("--json", action="store_true", help="print JSON for machines")
     similarity.add_argument("--output", help="write the result to this file instead of stdout")
@@ -472,8 +480,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--csv", help="report CSV with uid, findings, impression[, Problems] (default: the Open-I reports)")
     evaluate.add_argument("--output-dir", required=True, help="folder for results.json, results.md, recall.png")
-    _add_model_options(evaluate, "instruction for the LLM2Vec4CXR model (default: the checkpoint's 'findings' instruction)")
+    _add_model_options(evaluate)
     evaluate.add_argument("--no-model", action="store_true", help="evaluate only the baselines / --st-model models")
+    evaluate.add_argument(
+        "--hybrid", action="store_true", help="also evaluate the model fused with BM25 (a row of its own)"
+    )
+    evaluate.add_argument(
+        "--fusion", choices=("rrf", "normalized"), default="rrf",
+        help="how --hybrid fuses the two rankings: reciprocal-rank (default) or min-max normalised scores",
+    )
     evaluate.add_argument("--baseline", nargs="*", choices=("tfidf", "bm25", "minilm"), default=[], help="baselines to add")
     evaluate.add_argument("--st-model", action="append", default=[], help="a sentence-transformers model folder (repeatable)")
     evaluate.add_argument(
@@ -491,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the paraphrases and error triplets (default: 0)")
     evaluate.add_argument("--triplets", help="a JSONL of anchor/positive/negative triplets for error discrimination")
     evaluate.add_argument("--label-prompts", help="a JSON object {Problems label: prompt} for zero-shot labels")
+    evaluate.add_argument(
+        "--ordering-suite", help="a JSONL clinical ordering suite (category, query, equivalent, different) to use "
+        "instead of the one shipped in the package"
+    )
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.set_defaults(handler=_eval)
 

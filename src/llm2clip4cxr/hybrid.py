@@ -1,0 +1,164 @@
+"""Hybrid report retrieval: dense embeddings fused with BM25 (bm25s).
+
+Dense encoders and lexical scoring fail differently: a small encoder misses rare words (a drug, a
+device name, a measurement) that BM25 matches exactly, while BM25 cannot tell "no effusion" from
+"effusion". Fusing the two rankings keeps both signals.
+
+Fusion methods (`fuse`):
+    "rrf" (default): reciprocal-rank fusion, score = w_dense / (k + rank_dense) + w_lexical / (k + rank_lexical),
+        with ranks over the scored candidates and k = 60 (Cormack et al. 2009). It needs no score
+        calibration, which is why it is the default.
+    "normalized": min-max normalise each model's scores per query over the candidates, then
+        w_dense * dense + w_lexical * lexical.
+Default weights are dense 1.0, lexical 1.0 (docs/retrieval.md shows the validation run behind them).
+
+`BM25Index` keeps the lexical statistics of a corpus and saves them beside an `EmbeddingIndex`;
+`HybridScorer` is the harness's `Scorer` for evaluating an encoder + BM25 pair as one model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+FUSION_METHODS = ("rrf", "normalized")
+RRF_K = 60
+DEFAULT_WEIGHTS = (1.0, 1.0)
+_PARAMS_FILE = "bm25_settings.json"
+
+
+def _bm25s():
+    try:
+        import bm25s
+    except ImportError as error:
+        raise ImportError('Hybrid retrieval needs bm25s: pip install "llm2clip4cxr[index]"') from error
+    return bm25s
+
+
+def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
+    """Lower-cased word tokens. No stop words are removed: "no" and "without" carry the negations reports hinge on."""
+    return _bm25s().tokenize(list(texts), stopwords=None, return_ids=False, show_progress=False)
+
+
+class BM25Index:
+    """BM25 (Lucene variant) statistics of a corpus; `scores` gives every document's score for each query."""
+
+    def __init__(self, k1: float = 1.5, b: float = 0.75):
+        if k1 < 0 or not 0.0 <= b <= 1.0:
+            raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}.")
+        self.k1, self.b = k1, b
+        self._retriever = None
+        self.size = 0
+
+    def index(self, corpus: Sequence[str]) -> BM25Index:
+        corpus = list(corpus)
+        if not corpus:
+            raise ValueError("BM25Index.index: the corpus is empty.")
+        self._retriever = _bm25s().BM25(k1=self.k1, b=self.b)
+        self._retriever.index(bm25_tokens(corpus), show_progress=False)
+        self.size = len(corpus)
+        return self
+
+    def scores(self, queries: Sequence[str]) -> np.ndarray:
+        """`(len(queries), size)` float32 BM25 scores; a query without word tokens scores 0 everywhere."""
+        if self._retriever is None:
+            raise ValueError("BM25Index has no corpus: call `index(texts)` or `BM25Index.load(folder)` first.")
+        out = np.zeros((len(queries), self.size), dtype=np.float32)
+        vocabulary = self._retriever.vocab_dict
+        for i, tokens in enumerate(bm25_tokens(queries)):
+            known = [token for token in tokens if token in vocabulary]
+            if known:  # bm25s rejects tokens it never saw
+                out[i] = self._retriever.get_scores(known)
+        return out
+
+    def save(self, folder) -> None:
+        """Write the statistics into `folder` (bm25s' own numpy/JSON files, no pickle)."""
+        if self._retriever is None:
+            raise ValueError("BM25Index.save: nothing indexed.")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._retriever.save(str(folder), show_progress=False)
+        settings = {"k1": self.k1, "b": self.b, "size": self.size}
+        (folder / _PARAMS_FILE).write_text(json.dumps(settings) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder) -> BM25Index:
+        folder = Path(folder)
+        settings_file = folder / _PARAMS_FILE
+        if not settings_file.is_file():
+            raise FileNotFoundError(f"{folder}: no BM25 statistics ({_PARAMS_FILE} is missing).")
+        try:
+            settings = json.loads(settings_file.read_text(encoding="utf-8"))
+            index = cls(settings["k1"], settings["b"])
+            index._retriever = _bm25s().BM25.load(str(folder), show_progress=False)
+            index.size = int(settings["size"])
+        except (ValueError, KeyError, OSError) as error:
+            raise ValueError(f"{folder}: unreadable BM25 statistics ({error}); rebuild the index.") from None
+        return index
+
+
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    """1-based ranks of every column per row (ties share the best rank), float64."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    rows = np.arange(scores.shape[0])[:, None]
+    # Tied scores get the best rank of their group, so fusion does not depend on column order.
+    sorted_scores = np.take_along_axis(scores, order, axis=1)
+    first_of_group = np.concatenate([np.ones((scores.shape[0], 1), bool), np.diff(sorted_scores, axis=1) != 0], axis=1)
+    group_rank = np.maximum.accumulate(np.where(first_of_group, np.arange(1, scores.shape[1] + 1)[None, :], 0), axis=1)
+    ranks[rows, order] = group_rank
+    return ranks.astype(np.float64)
+
+
+def fuse(
+    dense: np.ndarray,
+    lexical: np.ndarray,
+    method: str = "rrf",
+    weights: tuple[float, float] = DEFAULT_WEIGHTS,
+    rrf_k: int = RRF_K,
+) -> np.ndarray:
+    """Fused `(num_queries, num_candidates)` scores of two score matrices over the same candidates (higher is
+    better). See the module docstring for the methods."""
+    dense, lexical = np.asarray(dense, dtype=np.float64), np.asarray(lexical, dtype=np.float64)
+    if dense.shape != lexical.shape or dense.ndim != 2:
+        raise ValueError(f"dense and lexical scores must be 2-D and of one shape, got {dense.shape} and {lexical.shape}.")
+    if method not in FUSION_METHODS:
+        raise ValueError(f"`method` must be one of {FUSION_METHODS}, got {method!r}.")
+    w_dense, w_lexical = weights
+    if w_dense < 0 or w_lexical < 0 or w_dense + w_lexical == 0:
+        raise ValueError(f"`weights` must be non-negative and not both 0, got {weights}.")
+    if method == "rrf":
+        return w_dense / (rrf_k + _ranks(dense)) + w_lexical / (rrf_k + _ranks(lexical))
+
+    def normalized(scores):
+        low, high = scores.min(axis=1, keepdims=True), scores.max(axis=1, keepdims=True)
+        return (scores - low) / np.where(high > low, high - low, 1.0)
+
+    return w_dense * normalized(dense) + w_lexical * normalized(lexical)
+
+
+class HybridScorer:
+    """An Encoder (texts -> L2-normalised embeddings) and BM25 fused into one `Scorer` for the harness."""
+
+    def __init__(
+        self,
+        encoder: Callable[[Sequence[str]], np.ndarray],
+        method: str = "rrf",
+        weights: tuple[float, float] = DEFAULT_WEIGHTS,
+        k1: float = 1.5,
+        b: float = 0.75,
+    ):
+        if method not in FUSION_METHODS:
+            raise ValueError(f"`method` must be one of {FUSION_METHODS}, got {method!r}.")
+        self.encoder, self.method, self.weights, self.k1, self.b = encoder, method, weights, k1, b
+
+    def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:
+        dense = self.encoder(list(queries)) @ self.encoder(list(corpus)).T
+        lexical = BM25Index(self.k1, self.b).index(corpus).scores(queries)
+        return fuse(dense, lexical, self.method, self.weights).astype(np.float32)
+
+
+__all__ = ["BM25Index", "DEFAULT_WEIGHTS", "FUSION_METHODS", "HybridScorer", "RRF_K", "bm25_tokens", "fuse"]
