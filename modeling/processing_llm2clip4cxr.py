@@ -305,6 +305,9 @@ class LLM2CLIP4CXRProcessor(ProcessorMixin):
             The text tower's `config.max_seq_length`.
         embed_mask_rule (`str`, *optional*, defaults to `"offsets"`):
             The text tower's `config.embed_mask_rule`.
+        default_instruction (`str`, *optional*):
+            The instruction the model was trained with: used when a call gives no `instruction=` (`""` means
+            none), like the text tower's `config.default_instruction`.
     """
 
     def __init__(
@@ -314,6 +317,7 @@ class LLM2CLIP4CXRProcessor(ProcessorMixin):
         instruction_separator: str = DEFAULT_INSTRUCTION_SEPARATOR,
         max_seq_length: int = 512,
         embed_mask_rule: str = "offsets",
+        default_instruction: str | None = None,
         **kwargs,
     ):
         if not isinstance(instruction_separator, str) or not instruction_separator.strip():
@@ -327,6 +331,7 @@ class LLM2CLIP4CXRProcessor(ProcessorMixin):
         self.instruction_separator = instruction_separator
         self.max_seq_length = max_seq_length
         self.embed_mask_rule = embed_mask_rule
+        self.default_instruction = default_instruction
         super().__init__(image_processor, tokenizer, **kwargs)
         prepare_report_tokenizer(tokenizer, instruction_separator)
 
@@ -345,7 +350,8 @@ class LLM2CLIP4CXRProcessor(ProcessorMixin):
         Args:
             images: one image or a list (see [`LLM2CLIP4CXRImageProcessor`]).
             text (`str` or `list[str]`): reports.
-            instruction (`str`, *optional*): prepended to every report (attended to, not pooled).
+            instruction (`str`, *optional*): prepended to every report (attended to, not pooled); default
+                `default_instruction`, `""` for none.
             return_tensors (`str`, *optional*, defaults to `"pt"`): `"pt"` or `"np"`.
             padding (`bool` or `str`, *optional*, defaults to `True`): `True` or `"longest"`; reports are
                 always padded to the longest of the batch, since `embed_mask` is built with the same layout.
@@ -374,6 +380,7 @@ class LLM2CLIP4CXRProcessor(ProcessorMixin):
                 instruction_separator=self.instruction_separator,
                 max_seq_length=self.max_seq_length,
                 embed_mask_rule=self.embed_mask_rule,
+                default_instruction=self.default_instruction,
             )
             if truncated:
                 warnings.warn(

@@ -90,6 +90,20 @@ def test_processor_round_trip(tokenizer, report_texts, tmp_path):
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
 
 
+def test_processor_default_instruction_survives_a_round_trip_and_empty_means_none(tokenizer, report_texts, tmp_path):
+    processor = make_processor(tokenizer)
+    processor.default_instruction = INSTRUCTION
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.default_instruction == INSTRUCTION
+    texts = report_texts[:2]
+    torch.testing.assert_close(loaded(text=texts)["input_ids"], processor(text=texts, instruction=INSTRUCTION)["input_ids"])
+    without = loaded(text=texts, instruction="")
+    assert without["input_ids"].shape[1] < loaded(text=texts)["input_ids"].shape[1]
+    # No instruction: every token but the leading <s> is pooled.
+    torch.testing.assert_close(without["embed_mask"].sum(dim=1), without["attention_mask"].sum(dim=1) - 1)
+
+
 # --- images --------------------------------------------------------------------------------------------------------
 
 

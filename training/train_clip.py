@@ -119,6 +119,8 @@ def load_model_and_processor(args: RecipeArguments):
         model.text_model.tokenizer,
         instruction_separator=text_config.instruction_separator,
         max_seq_length=text_config.max_seq_length,
+        embed_mask_rule=text_config.embed_mask_rule,
+        default_instruction=args.instruction if args.instruction is not None else text_config.default_instruction,
     )
     return model, processor
 

@@ -443,6 +443,7 @@ def convert_llm2clip4cxr(
         instruction_separator=text.config.instruction_separator,
         max_seq_length=text.config.max_seq_length,
         embed_mask_rule=text.config.embed_mask_rule,
+        default_instruction=text.config.default_instruction,
     )
 
     def write(folder: Path) -> None:
