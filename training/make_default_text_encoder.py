@@ -4,25 +4,30 @@
 
 Steps, all on the Open-I reports in ../shared/data (research-only data, see its README):
   1. split the studies 90/10 by study id (seed 0): the 10% are never trained on;
-  2. train a byte-level BPE tokenizer (4096 tokens) on the training reports;
+  2. train a byte-level BPE tokenizer (4096 tokens) on the training reports and on synthetic report text;
   3. build a small Llama-style backbone (hidden 256, 4 layers, ~4.4M parameters) with mean pooling;
   4. MNTP on the training reports (full fine-tuning: the backbone starts from random weights);
-  5. supervised contrastive training on report variants of the training reports (positives:
-     abbreviations, sentence shuffle, boilerplate removal, findings <-> impression; hard negatives:
-     laterality, negation, severity, size, change status, finding substitution);
-  6. evaluate on the held-out studies against TF-IDF, all-MiniLM-L6-v2 and the untrained model, and
-     write `results.json` and the model card.
+  5. supervised contrastive training (sentence-transformers trainer, in-batch negatives, no duplicate
+     texts in a batch) on three datasets: the findings<->impression pairs of each training study,
+     rule-based variant triplets of the training reports (TRAIN families: abbreviations, shuffle,
+     boilerplate removal; laterality, negation, severity, size, change-status and finding errors), and
+     compositional synthetic triplets (`llm2clip4cxr.synthetic_reports`);
+  6. evaluate on the held-out studies with the evaluation harness (held-out variant families, the
+     hand-written clinical ordering suite) next to TF-IDF, BM25, all-MiniLM-L6-v2 and the hybrid, and write
+     `results.json` and the model card.
 `--install` copies the model into src/llm2clip4cxr/pretrained/text (what `default_model_path("text")`
-returns). On 2 CPU cores the whole run takes roughly half an hour.
+returns). On 2 CPU cores the defaults take a few hours; `--mntp-steps`/`--contrastive-steps` shorten it.
 """
 
 import argparse
 import json
+import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import torch
 import transformers
 
 HERE = Path(__file__).resolve().parent
@@ -31,51 +36,30 @@ import train_text_encoder  # noqa: E402
 
 from llm2clip4cxr import LLM2Vec4CXRModel  # noqa: E402
 from llm2clip4cxr.data import read_reports_csv, shared_data_dir, split_by_study  # noqa: E402
-from llm2clip4cxr.evaluation.report_tasks import (  # noqa: E402
-    error_discrimination,
-    findings_to_impression_retrieval,
-    llm2vec_encoder,
-    minilm_encoder,
-    tfidf_encoder,
-)
+from llm2clip4cxr.evaluation import harness, report_tasks  # noqa: E402
 from llm2clip4cxr.factory import build_text_encoder  # noqa: E402
-from llm2clip4cxr.report_variants import build_triplets  # noqa: E402
+from llm2clip4cxr.hybrid import HybridScorer  # noqa: E402
+from llm2clip4cxr.report_variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS  # noqa: E402
+from llm2clip4cxr.synthetic_reports import FAMILY as SYNTHETIC_FAMILY  # noqa: E402
+from llm2clip4cxr.synthetic_reports import build_synthetic_triplets  # noqa: E402
 from llm2clip4cxr.tokenization import train_report_tokenizer  # noqa: E402
 
 INSTRUCTION = "Retrieve reports with the same clinical findings"
+INSTRUCTION_NAME = "retrieval"
+MODEL_NAME = "LLM2Vec4CXR-tiny (default)"
 SEED = 0
 VALIDATION_FRACTION = 0.1
 PACKAGE_TARGET = HERE.parent / "src" / "llm2clip4cxr" / "pretrained" / "text"
 
 
-def report_text(row: dict) -> str:
-    return " ".join(part for part in (row["findings"], row["impression"]) if part)
-
-
-def evaluate(validation_rows: list[dict], train_rows: list[dict], models: dict) -> dict:
-    """Both validation tasks for every encoder: the trained stages and the baselines."""
-    triplets = build_triplets([report_text(row) for row in validation_rows], seed=SEED + 1)
-    encoders = {
-        "tfidf": tfidf_encoder([report_text(row) for row in train_rows]),
-        "all-MiniLM-L6-v2": minilm_encoder(),
-        **{name: llm2vec_encoder(model, instruction=INSTRUCTION) for name, model in models.items()},
-    }
-    results = {}
-    for name, encoder in encoders.items():
-        results[name] = {
-            "findings_to_impression": findings_to_impression_retrieval(encoder, validation_rows),
-            "error_discrimination": error_discrimination(encoder, triplets),
-        }
-        print(f"{name:>28}: findings->impression R@1 {results[name]['findings_to_impression']['recall@1']:.3f}"
-              f"  error discrimination acc {results[name]['error_discrimination']['accuracy']:.3f}")
-    return results
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/default-text")
-    parser.add_argument("--mntp-steps", type=int, default=400)
-    parser.add_argument("--contrastive-steps", type=int, default=300)
+    parser.add_argument("--mntp-steps", type=int, default=1500)
+    parser.add_argument("--contrastive-steps", type=int, default=1200)
+    parser.add_argument("--batch-size", type=int, default=128, help="contrastive rows per step")
+    parser.add_argument("--variants-per-report", type=int, default=4)
+    parser.add_argument("--synthetic-triplets", type=int, default=12000)
     parser.add_argument("--install", action="store_true", help="copy the result into the package")
     parser.add_argument("--resume", action="store_true", help="resume interrupted stages from their checkpoints")
     args = parser.parse_args(argv)
@@ -85,54 +69,76 @@ def main(argv=None):
 
     rows = read_reports_csv(reports_csv)
     train_rows, validation_rows = split_by_study(rows, VALIDATION_FRACTION, SEED)
-    print(f"{len(train_rows)} training and {len(validation_rows)} held-out studies")
+    print(f"{len(train_rows)} training and {len(validation_rows)} held-out studies", flush=True)
 
     transformers.set_seed(SEED)
-    tokenizer = train_report_tokenizer([report_text(row) for row in train_rows], vocab_size=4096)
-    initial = build_text_encoder(
-        tokenizer, pooling_mode="mean", max_seq_length=256, instructions={"findings": INSTRUCTION},
-        backbone_kwargs={"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 768,
-                         "max_position_embeddings": 512},
-    )
-    initial.save_pretrained(output / "init")
+    train_texts = [harness.report_text(row) for row in train_rows]
+    # Synthetic text (another seed than training's) gives device and finding words their own tokens.
+    synthetic_texts = [t[role] for t in build_synthetic_triplets(3000, seed=SEED + 99) for role in ("anchor", "positive")]
+    tokenizer = train_report_tokenizer(train_texts + synthetic_texts, vocab_size=4096)
+    if not (output / "init" / "config.json").is_file() or not args.resume:
+        initial = build_text_encoder(
+            tokenizer, pooling_mode="mean", max_seq_length=256, instructions={INSTRUCTION_NAME: INSTRUCTION},
+            default_instruction_name=INSTRUCTION_NAME,
+            backbone_kwargs={"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
+                             "intermediate_size": 768, "max_position_embeddings": 512},
+        )
+        initial.save_pretrained(output / "init")
 
     common = ["--reports", str(reports_csv), "--validation_fraction", str(VALIDATION_FRACTION), "--seed", str(SEED),
-              "--report_to", "none", "--logging_steps", "25", "--save_steps", "100", "--save_total_limit", "1",
-              "--disable_tqdm", "true", "--resume", str(args.resume).lower()]
+              "--report_to", "none", "--logging_steps", "50", "--save_steps", "100", "--save_total_limit", "1",
+              "--disable_tqdm", "true", "--resume", str(args.resume).lower(), "--use_cpu",
+              str(not torch.cuda.is_available()).lower(), "--bf16", "true", "--eval_strategy", "no"]
     mntp = train_text_encoder.main([
         "--stage", "mntp", "--model_name_or_path", str(output / "init"), "--output_dir", str(output / "mntp"),
         "--max_steps", str(args.mntp_steps), "--per_device_train_batch_size", "32", "--learning_rate", "1e-3",
-        "--warmup_steps", "40", "--weight_decay", "0.01", *common,
+        "--warmup_steps", "50", "--weight_decay", "0.01", "--train_sampling_strategy", "group_by_length", *common,
     ])
     contrastive = train_text_encoder.main([
         "--stage", "contrastive", "--model_name_or_path", mntp, "--output_dir", str(output / "contrastive"),
-        "--max_steps", str(args.contrastive_steps), "--per_device_train_batch_size", "32", "--learning_rate", "3e-4",
-        "--warmup_steps", "30", "--instruction", INSTRUCTION, *common,
+        "--max_steps", str(args.contrastive_steps), "--per_device_train_batch_size", str(args.batch_size),
+        "--learning_rate", "3e-4", "--warmup_steps", "60", "--weight_decay", "0.01",
+        "--batch_sampler", "no_duplicates", "--instruction", INSTRUCTION, "--instruction_name", INSTRUCTION_NAME,
+        "--variants_per_report", str(args.variants_per_report), "--synthetic_triplets", str(args.synthetic_triplets),
+        *common,
     ])
+    minutes = round((time.time() - started) / 60, 1)
 
-    models = {
-        "untrained (same architecture)": LLM2Vec4CXRModel.from_pretrained(output / "init"),
-        "MNTP only": LLM2Vec4CXRModel.from_pretrained(mntp),
-        "LLM2Vec4CXR-tiny (default)": LLM2Vec4CXRModel.from_pretrained(contrastive),
+    model = LLM2Vec4CXRModel.from_pretrained(contrastive).eval()
+    dense = report_tasks.llm2vec_encoder(model)  # the trained instruction is the model's default
+    encoders = {
+        "tfidf": report_tasks.tfidf_encoder([harness.report_text(row) for row in validation_rows]),
+        "bm25": report_tasks.bm25_scorer(),
+        "all-MiniLM-L6-v2": report_tasks.minilm_encoder(),
+        MODEL_NAME: dense,
+        f"hybrid ({MODEL_NAME} + bm25, rrf)": HybridScorer(dense),
     }
-    results = evaluate(validation_rows, train_rows, models)
-    summary = {
-        "data": {"source": "openi/reports.csv under ../shared/data (or $LLM2CLIP4CXR_DATA)", "train_studies": len(train_rows), "validation_studies": len(validation_rows),
-                 "split": f"{VALIDATION_FRACTION:.0%} of studies held out, seed {SEED}"},
-        "training": {"mntp_steps": args.mntp_steps, "contrastive_steps": args.contrastive_steps, "batch_size": 32,
-                     "instruction": INSTRUCTION, "minutes": round((time.time() - started) / 60, 1)},
-        "results": results,
+    results = harness.run_evaluation(encoders, validation_rows, seed=SEED)
+    results["data"] = {
+        "source": "openi/reports.csv under ../shared/data (or $LLM2CLIP4CXR_DATA)",
+        "train_studies": len(train_rows), "validation_studies": len(validation_rows),
+        "split": f"{VALIDATION_FRACTION:.0%} of studies held out, seed {SEED}",
     }
-    (output / "results.json").write_text(json.dumps(summary, indent=2))
+    results["training"] = {
+        "mntp_steps": args.mntp_steps, "contrastive_steps": args.contrastive_steps, "batch_size": args.batch_size,
+        "variants_per_report": args.variants_per_report, "synthetic_triplets": args.synthetic_triplets,
+        "instruction": INSTRUCTION, "seed": SEED, "minutes": minutes,
+        "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if not torch.cuda.is_available()
+        else torch.cuda.get_device_name(),
+        "families": [*POSITIVE_GENERATORS, *NEGATIVE_GENERATORS, "findings_impression", SYNTHETIC_FAMILY],
+        "command": "python training/make_default_text_encoder.py --install",
+    }
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(harness.results_markdown(results), flush=True)
     if args.install:
         from llm2clip4cxr.hub_card import write_text_model_card
 
         shutil.rmtree(PACKAGE_TARGET, ignore_errors=True)
-        models["LLM2Vec4CXR-tiny (default)"].save_pretrained(PACKAGE_TARGET)
+        model.save_pretrained(PACKAGE_TARGET)
         shutil.copy(output / "results.json", PACKAGE_TARGET / "results.json")
-        write_text_model_card(PACKAGE_TARGET, summary)
+        write_text_model_card(PACKAGE_TARGET, results, model_name=MODEL_NAME)
         print(f"installed the default text encoder in {PACKAGE_TARGET}")
-    return summary
+    return results
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ DEFAULT_LICENSE = "cc-by-nc-nd-4.0"  # the Open-I terms as distributed: models t
 _TASKS = {
     "findings_to_impression": ("Findings to impression retrieval", ("recall@1", "recall@5", "recall@10", "mrr")),
     "paraphrase": ("Paraphrase retrieval", ("recall@1", "recall@5", "recall@10", "mrr")),
-    "error_discrimination": ("Clinical error discrimination", ("accuracy",)),
+    "error_discrimination": ("Clinical error discrimination", ("macro_accuracy", "accuracy")),
+    "clinical_ordering": ("Clinical ordering suite", ("accuracy",)),
+    "embedding_spread": ("Embedding spread", ()),
     "zero_shot_labels": ("Zero-shot report labels", ("macro_auroc", "macro_f1")),
 }
 # Tasks this module does not know (e.g. image<->report retrieval) publish the metrics matching this.
@@ -38,12 +40,14 @@ _SHORT_NAMES = {
     "findings_to_impression": "findings→impression",
     "paraphrase": "paraphrase",
     "error_discrimination": "error discrimination",
+    "clinical_ordering": "clinical ordering",
     "zero_shot_labels": "zero-shot labels",
 }
 _TASK_DATASETS = {
     "findings_to_impression": "(findings, impressions)",
     "paraphrase": "(report paraphrases)",
     "error_discrimination": "(report variants)",
+    "clinical_ordering": "(hand-written triplets)",
     "zero_shot_labels": "(Problems labels)",
 }
 
@@ -140,7 +144,17 @@ def _evaluation_text(results: Mapping) -> str:
     else:
         where = "On the evaluation data"
     text = f"{where}, next to baselines measured in the same run:\n\n{evaluation_table(results)}"
-    if any("error_discrimination" in tasks for tasks in results_by_model(results).values()):
+    families = results.get("variant_families")
+    if isinstance(families, Mapping):  # the harness names the generator families it evaluated with
+        evaluation = families.get("evaluation", {})
+        text += (
+            "\n\nFindings→impression is strict: one relevant impression per query among unique impressions. "
+            "Paraphrase and error discrimination use held-out variant families written for evaluation only "
+            f"(positives: {', '.join(evaluation.get('positive', []))}; errors: "
+            f"{', '.join(evaluation.get('negative', []))}), never the families a model trains on. The clinical "
+            "ordering suite is hand-written (query, equivalent, different) triplets."
+        )
+    elif any("error_discrimination" in tasks for tasks in results_by_model(results).values()):
         text += (
             "\n\nError discrimination uses the same rule-based variant generators as training (on held-out "
             "reports), so it measures how well the model learned those rules, not robustness to errors "
@@ -153,12 +167,16 @@ def _training_text(results: Mapping | None) -> str | None:
     training = (results or {}).get("training")
     if not isinstance(training, Mapping):
         return None
-    return (
+    text = (
         f"MNTP for {training['mntp_steps']} steps, then supervised contrastive training (in-batch and hard "
         f"negatives, scale 20) for {training['contrastive_steps']} steps, batch {training['batch_size']}, "
-        f"instruction \"{training['instruction']}\"; {training['minutes']} minutes on 2 CPU cores. Recipe: "
-        "`python training/make_default_text_encoder.py --install`."
+        f"instruction \"{training['instruction']}\"; {training['minutes']} minutes on "
+        f"{training.get('device', '2 CPU cores')}, seed {training.get('seed', 0)}. Recipe: "
+        f"`{training.get('command', 'python training/make_default_text_encoder.py --install')}`."
     )
+    if training.get("families"):
+        text += f" Variant families it was trained on: {', '.join(training['families'])}."
+    return text
 
 
 def _data_text(results: Mapping | None) -> str:
@@ -227,7 +245,8 @@ def model_card(
         backbone = config.backbone_config
         template, extra = TEXT_TEMPLATE, {
             "pooling_mode": config.pooling_mode,
-            "instruction": next(iter((config.instructions or {}).values()), "Retrieve reports with the same clinical findings"),
+            "instruction": getattr(config, "default_instruction", None)
+            or next(iter((config.instructions or {}).values()), "Retrieve reports with the same clinical findings"),
             "model_description": (
                 f"Backbone: {backbone.model_type}, hidden size {config.hidden_size}, "
                 f"{backbone.num_hidden_layers} layers"
