@@ -50,5 +50,6 @@ def test_atomic_write_folder_replaces_the_old_folder_or_leaves_it_untouched(tmp_
 
     with pytest.raises(KeyboardInterrupt):
         atomic_write_folder(target, fail)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+    # Only the folder and its (empty, reusable) lock file beside it: the temp folder is gone.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".model.lock", "model"]
     assert (target / "weights.safetensors").read_text() == "v2"
