@@ -17,12 +17,12 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["csv_header", "iter_csv_rows", "iter_jsonl_rows", "read_text_lines"]
+__all__ = ["bad_utf8_error", "csv_header", "iter_csv_rows", "iter_jsonl_rows", "read_text_lines"]
 
 _UTF8_HINT = "save it as UTF-8"
 
 
-def _bad_utf8(path: Path) -> InputError:
+def bad_utf8_error(path: Path) -> InputError:
     """Locate the first byte that is not UTF-8 (a second pass, only on failure) and name it."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     with open(path, "rb") as handle:
@@ -44,7 +44,7 @@ def _text(path: Path) -> Iterator[io.TextIOBase]:
         with open(path, encoding="utf-8-sig", newline="") as handle:
             yield handle
     except UnicodeDecodeError:
-        raise _bad_utf8(path) from None
+        raise bad_utf8_error(path) from None
 
 
 @contextlib.contextmanager
