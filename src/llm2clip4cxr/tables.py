@@ -176,9 +176,17 @@ def iter_jsonl_rows(path: str | os.PathLike, columns: Sequence[str]) -> Iterator
 
 
 def read_text_lines(path: str | os.PathLike) -> list[str]:
-    """The lines of a UTF-8 text file (BOM dropped), without line endings."""
+    """The lines of a UTF-8 text file (BOM dropped), without line endings.
+
+    Lines end at \\n, \\r\\n or \\r only: unlike `str.splitlines`, not at the other Unicode separators
+    (U+2028, U+0085, ...), which a report pasted from elsewhere can contain.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
-    with _text(path) as handle:
-        return handle.read().splitlines()
+    try:
+        with open(path, encoding="utf-8-sig", newline=None) as handle:  # newline=None: \r\n and \r read as \n
+            lines = handle.read().split("\n")
+    except UnicodeDecodeError:
+        raise bad_utf8_error(path) from None
+    return lines[:-1] if lines[-1] == "" else lines
