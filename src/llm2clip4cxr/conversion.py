@@ -279,7 +279,7 @@ def convert_llm2vec4cxr(
     model.load_state_dict(state_dict, strict=True)
     model.eval()
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # a Llama/Mistral/Qwen tokenizer
     if tokenizer.eos_token is None:
         raise ValueError(f"The tokenizer of {source} has no eos token, which the published model pads with.")
     # As the original loader: pad with eos. It pads on the left, which this package's pooling does not need
