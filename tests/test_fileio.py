@@ -68,3 +68,16 @@ def test_every_temp_name_atomic_write_uses_is_recognised_and_cleaned(tmp_path, n
     assert is_partial_write(temp.name) and not is_partial_write(name)
     temp.write_text("what a SIGKILL mid-write leaves")
     assert remove_partial_writes(tmp_path) == 1 and not temp.exists()
+
+
+def test_output_lock_is_reentrant_whatever_the_path_is_called(tmp_path, monkeypatch):
+    from llm2clip4cxr.fileio import output_lock
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    # Held under one name, taken again under others in the same thread: no deadlock, one lock file.
+    with output_lock("out", inside=True, wait=False):
+        with output_lock(tmp_path / "out", inside=True, wait=False), output_lock("alias", inside=True, wait=False):
+            pass
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [".lock"]

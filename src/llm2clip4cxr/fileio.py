@@ -182,8 +182,10 @@ def lock_path(target: str | os.PathLike, inside: bool = False) -> Path:
     """The lock file of an output: `<folder>/.lock` inside a folder that outlives every run (`inside=True`,
     e.g. an index folder), else a hidden sibling `.<name>.lock` (files, and folders that get replaced or
     deleted, whose own lock would vanish with them)."""
-    target = Path(target)
-    return target / f"{_LOCK_SUFFIX}" if inside else target.with_name(f".{target.name}{_LOCK_SUFFIX}")
+    # Resolved: the same output named two ways (relative, absolute, via a symlink) has one lock, and one
+    # filelock instance in this process, which is what makes holding it reentrant.
+    target = Path(target).resolve()
+    return target / _LOCK_SUFFIX if inside else target.with_name(f".{target.name}{_LOCK_SUFFIX}")
 
 
 @contextlib.contextmanager
