@@ -25,6 +25,7 @@ _UTF8_HINT = "save it as UTF-8"
 def bad_utf8_error(path: Path) -> InputError:
     """Locate the first byte that is not UTF-8 (a second pass, only on failure) and name it."""
     decoder = codecs.getincrementaldecoder("utf-8")()
+    number = 0
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
             try:
@@ -34,7 +35,10 @@ def bad_utf8_error(path: Path) -> InputError:
                     f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1}); "
                     f"{_UTF8_HINT}."
                 )
-    return InputError(f"{path}: ends inside a UTF-8 character (the file is truncated?); {_UTF8_HINT}.")
+    return InputError(
+        f"{path}, line {max(number, 1)}: not UTF-8 text (the file ends inside a multi-byte character: truncated?); "
+        f"{_UTF8_HINT}."
+    )
 
 
 @contextlib.contextmanager
