@@ -10,6 +10,22 @@ from llm2clip4cxr.tokenization import train_report_tokenizer
 transformers.logging.set_verbosity_error()
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Shown in the header of every run: CI installs the newest releases each time, so a new failure can be
+# matched to the release that brought it (the full list is in .ci/run's log).
+_REPORTED_DISTRIBUTIONS = ("torch", "transformers", "sentence-transformers", "datasets", "numpy", "pillow", "pydicom",
+                           "safetensors", "faiss-cpu", "filelock", "huggingface-hub", "hypothesis")
+
+
+def pytest_report_header(config):
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in _REPORTED_DISTRIBUTIONS:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return "dependencies: " + ", ".join(found)
 INSTRUCTION = "Retrieve reports with the same findings"
 
 

@@ -440,6 +440,20 @@ def test_pickle_needing_code_is_refused(tmp_path):
         load_state_dict_file(tmp_path / "unsafe.bin")
 
 
+def test_damaged_safetensors_state_dicts_are_named_not_raw_safetensor_errors(tmp_path):
+    from llm2clip4cxr.errors import CorruptFileError
+
+    save_file({"w": torch.zeros(64)}, tmp_path / "whole.safetensors")
+    data = (tmp_path / "whole.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "pickle.safetensors")
+    for name, what in (("cut", "truncated"), ("empty", "empty"), ("pickle", "PyTorch pickle")):
+        with pytest.raises(CorruptFileError, match=f"{name}.safetensors: unreadable weights: .*{what}"):
+            load_state_dict_file(tmp_path / f"{name}.safetensors")
+    assert load_state_dict_file(tmp_path / "whole.safetensors")["w"].shape == (64,)
+
+
 def test_llm2clip4cxr_from_pretrained_is_strict(published_clip, tmp_path):
     import shutil
 

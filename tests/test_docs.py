@@ -7,7 +7,8 @@ venv's bin first on PATH, offline (HF_HUB_OFFLINE=1), from the repository root, 
 * `python -m pytest ...` (the README's test command, which CI runs as the test suite itself) gets
   `--collect-only -q`: running the suite from inside the suite would recurse. Even collecting takes
   ~15-30 s on 2 cores, so that block is marked slow (`-m slow`); CI runs the command itself anyway.
-Python blocks run in a fresh interpreter, from the repository root.
+Python blocks run in a fresh interpreter, from the repository root; so does every Python block of
+README.md.
 """
 
 import importlib.util
@@ -78,6 +79,16 @@ def test_quickstart_block_runs(index):
             assert all(report in result.stdout for report in reports)
         if "pytest" in words:
             assert "collected" in result.stdout
+
+
+README_PYTHON = [body for language, body in code_blocks(ROOT / "README.md") if language == "python"]
+
+
+@pytest.mark.parametrize("index", range(len(README_PYTHON)))
+def test_readme_python_block_runs(index):
+    result = subprocess.run([sys.executable, "-c", README_PYTHON[index]], cwd=ROOT, env=environment(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_mkdocs_site_builds_strictly(tmp_path):

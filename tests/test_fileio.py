@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -50,5 +52,32 @@ def test_atomic_write_folder_replaces_the_old_folder_or_leaves_it_untouched(tmp_
 
     with pytest.raises(KeyboardInterrupt):
         atomic_write_folder(target, fail)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+    # Only the folder and its (empty, reusable) lock file beside it: the temp folder is gone.
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".model.lock", "model"]
     assert (target / "weights.safetensors").read_text() == "v2"
+
+
+@pytest.mark.parametrize("name", ["index_config.json", "vectors.npy", "model.safetensors", "a.tmp.b.npy", "noext",
+                                  ".hidden.json", "archive.tar.gz"])
+def test_every_temp_name_atomic_write_uses_is_recognised_and_cleaned(tmp_path, name):
+    from llm2clip4cxr.fileio import is_partial_write, temp_path_for
+
+    temp = temp_path_for(tmp_path / name)
+    # Hidden, beside the target, and ending in the target's suffix (writers pick the format from it).
+    assert temp.parent == tmp_path and temp.name.startswith(".") and temp.name.endswith(".tmp" + Path(name).suffix)
+    assert is_partial_write(temp.name) and not is_partial_write(name)
+    temp.write_text("what a SIGKILL mid-write leaves")
+    assert remove_partial_writes(tmp_path) == 1 and not temp.exists()
+
+
+def test_output_lock_is_reentrant_whatever_the_path_is_called(tmp_path, monkeypatch):
+    from llm2clip4cxr.fileio import output_lock
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    # Held under one name, taken again under others in the same thread: no deadlock, one lock file.
+    with output_lock("out", inside=True, wait=False):
+        with output_lock(tmp_path / "out", inside=True, wait=False), output_lock("alias", inside=True, wait=False):
+            pass
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [".lock"]

@@ -115,8 +115,10 @@ def test_save_is_atomic_and_replaces_previous_files(corpus, tmp_path):
     index.add(vectors[10:20], ids[10:20])
     index.save(tmp_path)
     second = sorted(path.name for path in tmp_path.iterdir())
-    assert len(first) == len(second) == 4 and set(first) & set(second) == {"index_config.json"}
-    assert not any(name.endswith(".tmp") for name in second)
+    # One generation folder each, swapped by index_config.json; the old one is gone, no temp file is left.
+    assert len(first) == len(second) == 3 and set(first) & set(second) == {".lock", "index_config.json"}
+    generation = next(name for name in second if name.startswith("generation-"))
+    assert sorted(path.name for path in (tmp_path / generation).iterdir()) == ["index.faiss", "metadata.jsonl", "vectors.npy"]
     assert len(EmbeddingIndex.load(tmp_path)) == 20
 
     config = json.loads((tmp_path / "index_config.json").read_text())

@@ -14,6 +14,7 @@ from PIL import Image
 
 from llm2clip4cxr.cli import main
 from llm2clip4cxr.data import load_prepared
+from llm2clip4cxr.fileio import is_partial_write
 from llm2clip4cxr.imaging import load_image
 from llm2clip4cxr.prepare import PrepareOptions, prepare, split_by_patient
 
@@ -125,8 +126,13 @@ def test_cli_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["prepare", "padchest", str(tmp_path), "--output", str(tmp_path / "o")])
     assert exit_info.value.code == 2
-    assert main(["prepare", "auto", str(tmp_path), "--output", str(tmp_path / "o")]) == 1
+    (tmp_path / "source").mkdir()
+    assert main(["prepare", "auto", str(tmp_path / "source"), "--output", str(tmp_path / "o")]) == 1
     assert "matches no known layout" in capsys.readouterr().err
+    # Output inside the source would change the source (its files are planned and hashed): refused first.
+    assert main(["prepare", "auto", str(tmp_path / "source"), "--output", str(tmp_path / "source" / "o")]) == 1
+    assert "lies inside) the source folder" in capsys.readouterr().err
+    assert not (tmp_path / "source" / "o").exists()
 
 
 def _iu_r2gen_layout(root: Path, studies: int) -> Path:
@@ -144,6 +150,12 @@ def _iu_r2gen_layout(root: Path, studies: int) -> Path:
     return root
 
 
+def finished_shards(output: Path) -> list[Path]:
+    """The shard records a run has committed: `shards/*.json` minus the hidden temp file of one being written
+    (pathlib's glob matches hidden names, so `*.json` alone also picks up `.<name>.<hex>.tmp.json`)."""
+    return [path for path in (output / "shards").glob("*.json") if not is_partial_write(path.name)]
+
+
 def test_prepare_resumes_after_sigkill_without_redoing_finished_shards(tmp_path):
     source = _iu_r2gen_layout(tmp_path / "iu", 36)
     command = [sys.executable, "-m", "llm2clip4cxr", "prepare", "iu-xray", str(source), "--image-size", "48",
@@ -151,12 +163,11 @@ def test_prepare_resumes_after_sigkill_without_redoing_finished_shards(tmp_path)
     killed = tmp_path / "killed"
     process = subprocess.Popen([*command, "--output", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list((killed / "shards").glob("*.json"))) < 2:
+    while time.monotonic() < deadline and len(finished_shards(killed)) < 2:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = {path.stem: os.stat(killed / "data" / f"{path.stem}.parquet").st_mtime_ns
-            for path in (killed / "shards").glob("*.json")}
+    done = {path.stem: os.stat(killed / "data" / f"{path.stem}.parquet").st_mtime_ns for path in finished_shards(killed)}
     assert 2 <= len(done) < 18 and not (killed / "summary.json").exists()  # killed mid-run
 
     rerun = subprocess.run([*command, "--output", str(killed)], capture_output=True, text=True, check=True)

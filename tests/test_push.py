@@ -55,7 +55,8 @@ def tiny_checkpoint(make_encoder, tmp_path):
 
 def test_dry_run_on_the_shipped_default_prints_files_and_card_without_network(monkeypatch, capsys):
     monkeypatch.setattr(hub, "HfApi", mock.Mock(side_effect=AssertionError("a dry run must not touch the Hub")))
-    code = main(["push", str(default_model_path("text")), "--repo-id", "me/llm2vec4cxr-tiny", "--dry-run"])
+    code = main(["push", str(default_model_path("text")), "--repo-id", "me/llm2vec4cxr-tiny", "--dry-run",
+                 "--trust-remote-code"])
     out = capsys.readouterr().out
     assert code == 0
     listed = {line.split()[0] for line in out.split("--- README.md ---")[0].splitlines() if line.startswith("  ")}
@@ -135,7 +136,7 @@ def test_verification_names_the_failed_checks(tiny_checkpoint):
     with open(tiny_checkpoint / "modeling_llm2vec4cxr.py", "a") as handle:
         handle.write("\nraise RuntimeError('broken remote code')\n")
     with pytest.raises(CheckpointVerificationError) as error:
-        verify_checkpoint(tiny_checkpoint)
+        verify_checkpoint(tiny_checkpoint, trust_remote_code=True)
     message = str(error.value)
     assert "remote_code failed: RuntimeError: broken remote code" in message
     assert "sentence_transformers failed: RuntimeError: broken remote code" in message
@@ -173,3 +174,17 @@ def test_lora_adapter_is_pushed_with_its_base_model_or_merged(make_encoder, tmp_
     assert plan.kind == "text" and "adapter_config.json" not in plan.files and "model.safetensors" in plan.files
     assert plan.card.data.base_model == "org/base" and plan.card.data.library_name == "transformers"
     shutil.rmtree(tmp_path / "merged")
+
+
+def test_dry_run_without_trust_runs_no_code_from_the_folder(tiny_checkpoint, tmp_path, capsys):
+    # A stranger's checkpoint whose model file writes a file when imported.
+    marker = tmp_path / "the checkpoint's code ran"
+    with open(tiny_checkpoint / "modeling_llm2vec4cxr.py", "a") as handle:
+        handle.write(f"\nopen({str(marker)!r}, 'w').close()\n")
+    assert main(["push", str(tiny_checkpoint), "--repo-id", "org/x", "--dry-run", "--json"]) == 0
+    verification = json.loads(capsys.readouterr().out)["verification"]
+    assert not marker.exists()
+    assert verification["package"] == "ok"  # checked through the package's own classes
+    assert verification["remote_code"].startswith("not tried") and "--trust-remote-code" in verification["remote_code"]
+    assert verification["sentence_transformers"].startswith("not tried")
+

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 from transformers import ViTConfig, ViTModel
 
+from .checkpoints import check_model_folder, remote_code_guard
 from .imaging import CLIP_MEAN, CLIP_STD, load_image
 
 # Dual encoders whose transformers model has get_text_features / get_image_features.
@@ -37,16 +38,22 @@ class HFDualEncoder:
         model_name_or_path: folder (or Hub id, when online) of a CLIP or SigLIP checkpoint with its processor.
         batch_size: texts or images per forward pass.
         device: where to run; defaults to CPU.
+        trust_remote_code: let transformers run Python code shipped in the folder (never needed for CLIP or
+            SigLIP); without it such a folder raises `UntrustedCodeError`.
     """
 
-    def __init__(self, model_name_or_path: str | os.PathLike, batch_size: int = 32, device: str | None = None):
-        self.model = AutoModel.from_pretrained(model_name_or_path).eval()
+    def __init__(self, model_name_or_path: str | os.PathLike, batch_size: int = 32, device: str | None = None,
+                 trust_remote_code: bool = False):
+        with remote_code_guard(model_name_or_path, trust_remote_code) as remote:
+            config = AutoConfig.from_pretrained(model_name_or_path, **remote)
+            if config.model_type not in SUPPORTED_DUAL_ENCODERS:
+                raise ValueError(
+                    f"{model_name_or_path} is a {config.model_type!r} model; HFDualEncoder supports "
+                    f"{SUPPORTED_DUAL_ENCODERS}."
+                )
+            self.model = AutoModel.from_pretrained(model_name_or_path, **remote).eval()
+            self.processor = AutoProcessor.from_pretrained(model_name_or_path, **remote)
         model_type = self.model.config.model_type
-        if model_type not in SUPPORTED_DUAL_ENCODERS:
-            raise ValueError(
-                f"{model_name_or_path} is a {model_type!r} model; HFDualEncoder supports {SUPPORTED_DUAL_ENCODERS}."
-            )
-        self.processor = AutoProcessor.from_pretrained(model_name_or_path)
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
         self.batch_size = batch_size
@@ -188,7 +195,7 @@ def _vision_config(vision_cfg: Mapping) -> ViTConfig:
 def _text_config(folder: Path, text_cfg: Mapping, state_dict: Mapping[str, torch.Tensor], pad_token_id: int) -> BertConfig:
     """The BERT config: the folder's `config.json` if present, else read off the weight shapes."""
     if (folder / "config.json").is_file():
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # a BERT config needs no code
         if config.model_type != "bert":
             raise ValueError(f"{folder / 'config.json'} is a {config.model_type!r} config; the text tower is a BERT.")
         if config.pad_token_id != pad_token_id:  # open_clip pads with the tokenizer's id but masks the config's
@@ -229,7 +236,8 @@ def _load_tokenizer(folder: Path, text_cfg: Mapping):
     """The text tower's tokenizer, from files in the folder (nothing can be downloaded)."""
     tokenizer_name = text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name") or "the text model"
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(folder)
+        with remote_code_guard(folder, False) as remote:  # a BERT tokenizer needs no code from the folder
+            return AutoTokenizer.from_pretrained(folder, **remote)
     if (folder / "vocab.txt").is_file():
         lowered = tokenizer_name.lower()
         if "uncased" not in lowered and "cased" not in lowered:
@@ -447,13 +455,19 @@ def is_open_clip_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / OPEN_CLIP_CONFIG).is_file()
 
 
-def load_dual_encoder(path: str | os.PathLike, batch_size: int = 32, device: str | None = None):
-    """A local baseline dual encoder: an open_clip folder (BiomedCLIP) or a transformers CLIP/SigLIP folder."""
+def load_dual_encoder(path: str | os.PathLike, batch_size: int = 32, device: str | None = None,
+                      trust_remote_code: bool = False):
+    """A local baseline dual encoder: an open_clip folder (BiomedCLIP) or a transformers CLIP/SigLIP folder.
+
+    No Python code from the folder runs unless `trust_remote_code=True`; a folder that needs it raises
+    `UntrustedCodeError`.
+    """
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: no such directory (give a local CLIP, SigLIP or open_clip BiomedCLIP folder).")
     if is_open_clip_folder(path):
         return BiomedCLIPDualEncoder.from_open_clip(path, batch_size=batch_size, device=device)
-    return HFDualEncoder(path, batch_size=batch_size, device=device)
+    check_model_folder(path, argument="", kind="CLIP or SigLIP")
+    return HFDualEncoder(path, batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
 
 
 __all__ = [

@@ -1,34 +1,136 @@
-"""The `llm2clip4cxr` command line."""
+"""The `llm2clip4cxr` command line.
+
+Errors: an expected failure (bad input, a damaged file, a busy output: `LLM2CLIP4CXRError`, and the
+ValueError / OSError / ImportError that libraries raise for bad input) prints one line,
+`llm2clip4cxr <command>: error: <message naming the file or argument>`, and exits 1; anything else
+prints one line plus "rerun with --debug for the traceback" and exits 1; `--debug` prints the traceback.
+With `--json` the error is instead a JSON object on stdout, `{"error": ..., "kind": ...}` (usage errors
+too, with exit code 2).
+"""
 
 import argparse
+import contextvars
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from .fileio import atomic_write
+from .errors import InputError, LLM2CLIP4CXRError
+from .fileio import atomic_write, output_lock
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+
+# Errors that mean "the input or the environment is wrong", not "the program is wrong".
+EXPECTED_ERRORS = (LLM2CLIP4CXRError, ValueError, OSError, ImportError)
+_BUILTIN_KINDS = (
+    (FileNotFoundError, "not-found"), (FileExistsError, "exists"), (PermissionError, "permission"),
+    (ImportError, "missing-dependency"), (OSError, "os"), (ValueError, "input"),
+)
+# Whether the command line asked for --json: argparse's own errors are then JSON too.
+_JSON_ERRORS = contextvars.ContextVar("json_errors", default=False)
 
 
-def _load_text_encoder(model_path: str | None):
+class _Parser(argparse.ArgumentParser):
+    """argparse with `--debug` on every (sub)command and usage errors as JSON when `--json` was given."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand's default must not reset a `--debug` given before the subcommand.
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="on an error, print the full traceback")
+
+    def error(self, message):
+        if _JSON_ERRORS.get():
+            print(json.dumps({"error": f"{self.prog}: {message}", "kind": "usage"}))
+            sys.exit(EXIT_USAGE)
+        super().error(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _load_text_encoder(model_path: str | None, trust_remote_code: bool = False):
     """The checkpoint at `model_path`, else the default encoder shipped in the package."""
     from . import LLM2Vec4CXRModel
+    from .checkpoints import check_model_folder, remote_code_guard
     from .defaults import load_default_text_encoder
 
     if model_path is None:
         return _quiet(load_default_text_encoder)
-    if not Path(model_path).is_dir():
-        raise FileNotFoundError(f"--model {model_path}: no such directory (give a saved LLM2Vec4CXR checkpoint).")
-    return _quiet(LLM2Vec4CXRModel.from_pretrained, model_path).eval()
+    path = check_model_folder(model_path, "--model", "LLM2Vec4CXR checkpoint")
+    with remote_code_guard(path, trust_remote_code) as remote:
+        return _quiet(lambda: LLM2Vec4CXRModel.from_pretrained(path, **remote)).eval()
+
+
+def _inputs_and_outputs(outputs: dict, inputs: dict) -> None:
+    """Refuse an output that is an input, or lies inside an input folder (writing it would change the
+    input), or a work folder (deleted at the end) that holds an input. Keys name the arguments."""
+    def resolved(value):
+        return [Path(value).resolve()] if isinstance(value, (str, os.PathLike)) else [Path(v).resolve() for v in value]
+
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        target = Path(out).resolve()
+        for in_name, given in inputs.items():
+            if given is None:
+                continue
+            for source in resolved(given):
+                same = target == source or (target.exists() and source.exists() and os.path.samefile(target, source))
+                if same or source in target.parents:
+                    raise InputError(
+                        f"{out_name} {out} {'is' if same else 'lies inside'} the input {in_name} {source}; writing it "
+                        "would change the input: choose another output path."
+                    )
+                if out_name == "--work-dir" and target in source.parents:
+                    raise InputError(
+                        f"--work-dir {out} holds the input {in_name} {source} and is deleted when the run ends: "
+                        "choose another work folder."
+                    )
+
+
+def _waiting_message(args):
+    def tell(lock_file: Path) -> None:
+        print(f"llm2clip4cxr {_command_name(args)}: another run is writing this output (lock {lock_file}); "
+              "waiting for it to finish (--no-wait fails instead)", file=sys.stderr)
+    return tell
+
+
+def _output_lock(args, target: Path, inside: bool = False):
+    return output_lock(target, wait=not args.no_wait, inside=inside, on_wait=_waiting_message(args))
 
 
 def _similarity(args) -> int:
+    from .tables import read_text_lines
+
+    _inputs_and_outputs({"--output": args.output}, {"--file": args.file, "--model": args.model})
+    _create_parent(args.output)
     reports = list(args.reports)
     if args.file:
-        reports += [line.strip() for line in Path(args.file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        reports += [line.strip() for line in read_text_lines(args.file) if line.strip()]
     if len(reports) < 2:
         raise ValueError("give at least two reports (as arguments or with --file) to compare.")
-    embeddings = _embed(_load_text_encoder(args.model), reports, args.instruction, args.batch_size)
+    model = _load_text_encoder(args.model, args.trust_remote_code)
+    embeddings = _embed(model, reports, args.instruction, args.batch_size)
     scores = (embeddings @ embeddings.T).tolist()
     lines = [f"[{i}] {report}" for i, report in enumerate(reports)]
     lines.append("")
@@ -81,13 +183,19 @@ def _embed(model, texts, instruction, batch_size):
 
 
 def _emit(args, payload: dict, text: str) -> int:
-    """Print (or write to --output) `payload` as JSON with --json, else `text`."""
+    """Print (or write to --output, atomically) `payload` as JSON with --json, else `text`."""
     out = json.dumps(payload, indent=2) if args.json else text
     if getattr(args, "output", None):
-        Path(args.output).write_text(out + "\n", encoding="utf-8")
+        atomic_write(args.output, lambda path: path.write_text(out + "\n", encoding="utf-8"))
     else:
         print(out)
     return EXIT_OK
+
+
+def _create_parent(output) -> None:
+    """Create the folder of an output file now, so a missing or unwritable one fails before any model work."""
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
 
 
 _EMBEDDING_SUFFIXES = (".npy", ".safetensors", ".parquet")
@@ -99,21 +207,25 @@ def _encode(args) -> int:
     output = Path(args.output)
     if output.suffix not in _EMBEDDING_SUFFIXES:
         raise ValueError(f"--output {output}: the suffix must be one of {_EMBEDDING_SUFFIXES}, got {output.suffix!r}.")
-    dataset = _input_texts(args)
-    model = _load_text_encoder(args.model)
-
-    def encode(texts):
-        return model.encode(
-            texts, instruction=args.instruction, batch_size=args.batch_size, convert_to_numpy=True,
-            show_progress_bar=False,
-        )
-
     work_dir = _work_dir(args, output)
-    embeddings = _embed_collection(dataset, encode, args, work_dir, _encoder_name(args))
-    _write_embeddings(output, embeddings, dataset)
-    dim = int(embeddings.shape[1])
-    del embeddings  # release the memory map before its folder goes
-    shutil.rmtree(work_dir)
+    _inputs_and_outputs({"--output": output, "--work-dir": work_dir}, {"--csv": args.csv, "--model": args.model})
+    _create_parent(output)
+    with _output_lock(args, output):
+        dataset = _input_texts(args)
+        model = _load_text_encoder(args.model, args.trust_remote_code)
+
+        def encode(texts):
+            return model.encode(
+                texts, instruction=args.instruction, batch_size=args.batch_size, convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+
+        with _output_lock(args, work_dir):  # held until the work folder is gone
+            embeddings = _embed_collection(dataset, encode, args, work_dir, _encoder_name(args))
+            _write_embeddings(output, embeddings, dataset)
+            dim = int(embeddings.shape[1])
+            del embeddings  # release the memory map before its folder goes
+            shutil.rmtree(work_dir)
     summary = {"output": str(output), "num_texts": len(dataset), "dim": dim}
     print(json.dumps(summary) if args.json else f"wrote {len(dataset)} x {dim} embeddings to {output}")
     return EXIT_OK
@@ -123,7 +235,6 @@ def _write_embeddings(output: Path, embeddings, dataset) -> None:
     """Write `embeddings` (rows of `dataset`) in the format of `output`'s suffix, atomically."""
     import numpy as np
 
-    output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".npy":
         atomic_write(output, lambda path: np.save(path, embeddings))
     elif output.suffix == ".safetensors":
@@ -152,11 +263,13 @@ def _encoder_name(args) -> str:
 
 
 def _similar(args) -> int:
-    dataset = _read_texts(args.csv, args.column, args.id_column)
-    ids, texts = list(dataset["id"]), list(dataset["text"])
     if not args.query.strip():
         raise ValueError("the query is empty.")
-    model = _load_text_encoder(args.model)
+    _inputs_and_outputs({"--output": args.output}, {"--csv": args.csv, "--model": args.model})
+    _create_parent(args.output)
+    dataset = _read_texts(args.csv, args.column, args.id_column)
+    ids, texts = list(dataset["id"]), list(dataset["text"])
+    model = _load_text_encoder(args.model, args.trust_remote_code)
     corpus = _embed(model, texts, args.instruction, args.batch_size)
     scores = corpus @ _embed(model, [args.query], args.instruction, args.batch_size)[0]
     top = sorted(range(len(texts)), key=lambda i: (-scores[i], i))[: args.top_k]  # stable order on ties
@@ -165,29 +278,36 @@ def _similar(args) -> int:
     return _emit(args, {"query": args.query, "results": hits}, "\n".join(lines))
 
 
-_INDEX_ENCODER_FILE = "encoder.json"  # beside the index: the model and instruction its vectors came from
-
-
 def _index_build(args) -> int:
     import shutil
 
     from .index import EmbeddingIndex
 
-    dataset = _read_texts(args.csv, args.column, args.id_column, extra_columns=args.metadata_column)
-    model = _load_text_encoder(args.model)
-    encode = _normalized_encoder(model, args.instruction, args.batch_size)
     output = Path(args.output)
     work_dir = _work_dir(args, output)
-    embeddings = _embed_collection(dataset, encode, args, work_dir, _encoder_name(args))
-    index = EmbeddingIndex(dim=embeddings.shape[1], kind=args.kind)
-    metadata = dataset.select_columns(["text", *args.metadata_column]).to_list()
-    index.add(embeddings, ids=list(dataset["id"]), metadata=metadata)
-    index.save(output)
-    dim = index.dim
-    del index, embeddings  # the index referenced the memory-mapped chunks until save() copied them
-    shutil.rmtree(work_dir)
-    encoder = {"model": str(Path(args.model).resolve()) if args.model else None, "instruction": args.instruction}
-    atomic_write(output / _INDEX_ENCODER_FILE, lambda path: path.write_text(json.dumps(encoder) + "\n"))
+    _inputs_and_outputs({"--output": output, "--work-dir": work_dir}, {"--csv": args.csv, "--model": args.model})
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output}: a file, not an index folder; choose a folder path.")
+    output.mkdir(parents=True, exist_ok=True)
+    # One build per output at a time: the lock is held from before reading to after the commit, so the
+    # index, its encoder and its work folder all come from one run.
+    with _output_lock(args, output, inside=True):
+        dataset = _read_texts(args.csv, args.column, args.id_column, extra_columns=args.metadata_column)
+        model = _load_text_encoder(args.model, args.trust_remote_code)
+        # Recorded as used (the model's own instruction when none is given), so a search embeds queries alike.
+        instruction = args.instruction if args.instruction is not None else model.config.default_instruction
+        encode = _normalized_encoder(model, instruction or "", args.batch_size)
+        with _output_lock(args, work_dir):  # held until the work folder is gone
+            embeddings = _embed_collection(dataset, encode, args, work_dir, _encoder_name(args))
+            index = EmbeddingIndex(dim=embeddings.shape[1], kind=args.kind)
+            metadata = dataset.select_columns(["text", *args.metadata_column]).to_list()
+            index.add(embeddings, ids=list(dataset["id"]), metadata=metadata)
+            # The encoder is committed with the vectors (one generation), so a kill cannot pair them wrongly.
+            encoder = {"model": str(Path(args.model).resolve()) if args.model else None, "instruction": instruction}
+            index.save(output, info={"encoder": encoder})
+            dim = index.dim
+            del index, embeddings  # the index referenced the memory-mapped chunks until save() copied them
+            shutil.rmtree(work_dir)
     summary = {"index": str(output), "size": len(dataset), "dim": dim, "kind": args.kind}
     print(json.dumps(summary) if args.json else f"indexed {len(dataset)} reports ({args.kind}) in {output}")
     return EXIT_OK
@@ -202,12 +322,17 @@ def _index_search(args) -> int:
     queries = [query for query in args.queries if query.strip()]
     if not queries:
         raise ValueError("no query text given.")
-    saved = {"model": None, "instruction": None}
-    if (folder / _INDEX_ENCODER_FILE).is_file():
-        saved = json.loads((folder / _INDEX_ENCODER_FILE).read_text())
-    instruction = args.instruction if args.instruction is not None else saved["instruction"]
+    _inputs_and_outputs({"--output": args.output}, {"index": folder, "--model": args.model})
+    _create_parent(args.output)
     index = EmbeddingIndex.load(folder)
-    model = _load_text_encoder(args.model or saved["model"])
+    saved = {"model": None, "instruction": None, **(index.info.get("encoder") or {})}
+    # None in an index means it was built without an instruction: embed the queries without one too.
+    instruction = args.instruction if args.instruction is not None else (saved["instruction"] or "")
+    if args.model is None and saved["model"] is not None and not Path(saved["model"]).is_dir():
+        raise FileNotFoundError(
+            f"{folder} was built with the model {saved['model']}, which no longer exists; pass --model with it."
+        )
+    model = _load_text_encoder(args.model or saved["model"], args.trust_remote_code)
     results = index.search(_embed(model, queries, instruction, args.batch_size), k=args.top_k)
     payload = {"results": [
         {"query": query, "hits": [{"id": id_, "score": float(score), "metadata": metadata} for id_, score, metadata in hits]}
@@ -224,12 +349,15 @@ def _index_search(args) -> int:
 def _retrieve_image_to_report(args) -> int:
     from .retrieval import find_images, image_encoder, load_clip_model, rank, report_encoder
 
+    _inputs_and_outputs({"--output": args.output}, {"images": args.images, "--csv": args.csv, "--model": args.model})
+    _create_parent(args.output)
     images = find_images(args.images)
     dataset = _read_texts(args.csv, args.column, args.id_column)
     ids, texts = list(dataset["id"]), list(dataset["text"])
-    model, processor = _quiet(load_clip_model, args.model)
+    model, processor = _quiet(load_clip_model, args.model, args.trust_remote_code)
     reports = report_encoder(model, processor, args.instruction, args.batch_size)(texts)
-    order, scores = rank(image_encoder(model, processor, args.batch_size)(images), reports, args.top_k)
+    encode_images = image_encoder(model, processor, args.batch_size, max_pixels=args.max_image_pixels)
+    order, scores = rank(encode_images(images), reports, args.top_k)
     return _emit_rankings(
         args, "image", [str(image) for image in images], order, scores, lambda i: {"id": ids[i], "text": texts[i]},
         lambda hit: f"[{hit['id']}] {hit['text']}",
@@ -242,9 +370,11 @@ def _retrieve_report_to_image(args) -> int:
     queries = [query for query in args.queries if query.strip()]
     if not queries:
         raise ValueError("no query report given.")
+    _inputs_and_outputs({"--output": args.output}, {"--images": args.images, "--model": args.model})
+    _create_parent(args.output)
     images = find_images(args.images)
-    model, processor = _quiet(load_clip_model, args.model)
-    corpus = image_encoder(model, processor, args.batch_size)(images)
+    model, processor = _quiet(load_clip_model, args.model, args.trust_remote_code)
+    corpus = image_encoder(model, processor, args.batch_size, max_pixels=args.max_image_pixels)(images)
     order, scores = rank(report_encoder(model, processor, args.instruction, args.batch_size)(queries), corpus, args.top_k)
     return _emit_rankings(args, "query", queries, order, scores, lambda i: {"image": str(images[i])}, lambda hit: hit["image"])
 
@@ -300,7 +430,7 @@ def _eval(args) -> int:
 
     encoders = {}
     if not args.no_model:
-        model = _load_text_encoder(args.model)
+        model = _load_text_encoder(args.model, getattr(args, "trust_remote_code", False))
         name = Path(args.model).name if args.model else "llm2vec4cxr-tiny (default)"
         # instruction None: the one the checkpoint was trained with (config.default_instruction).
         encoders[name] = report_tasks.llm2vec_encoder(model, instruction=args.instruction, batch_size=args.batch_size)
@@ -345,21 +475,31 @@ _INSTRUCTION_HELP = (
     "instruction prepended to every report and pooled out (default: the one the model was trained with; "
     '"" for none)'
 )
+_TRUST_HELP = ("let the model folder run Python code it ships (never needed for checkpoints of this package; "
+               "without it such a folder is refused)")
+
+
+def _add_trust_option(parser):
+    parser.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
 
 
 def _add_model_options(parser, instruction_help=_INSTRUCTION_HELP):
     parser.add_argument("--model", help="a saved LLM2Vec4CXR checkpoint directory (default: the shipped LLM2Vec4CXR-tiny)")
     parser.add_argument("--instruction", default=None, help=instruction_help)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
 
 
 def _add_chunk_options(parser):
     parser.add_argument(
-        "--chunk-size", type=int, default=10_000,
+        "--chunk-size", type=_positive_int, default=10_000,
         help="texts per chunk file: a killed run resumes from its finished chunks (default: 10000)",
     )
     parser.add_argument(
         "--work-dir", help="folder for the chunk files until the run completes (default: OUTPUT.chunks beside --output)"
+    )
+    parser.add_argument(
+        "--no-wait", action="store_true",
+        help="if another run is writing the same output (or work folder), fail at once instead of waiting for it",
     )
 
 
@@ -372,7 +512,7 @@ def _add_csv_options(parser, required: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm2clip4cxr", description="Chest X-ray report encoders (LLM2Vec4CXR).")
+    parser = _Parser(prog="llm2clip4cxr", description="Chest X-ray report encoders (LLM2Vec4CXR).")
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -385,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     similarity.add_argument("--file", help="a text file with one report per line (added after the arguments)")
     similarity.add_argument("--model", help="a saved LLM2Vec4CXR checkpoint directory (default: the shipped LLM2Vec4CXR-tiny)")
     similarity.add_argument("--instruction", default=None, help=_INSTRUCTION_HELP)
-    similarity.add_argument("--batch-size", type=int, default=32)
+    similarity.add_argument("--batch-size", type=_positive_int, default=32)
+    _add_trust_option(similarity)
     similarity.add_argument("--json", action="store_true", help="print JSON for machines")
     similarity.add_argument("--output", help="write the result to this file instead of stdout")
     similarity.set_defaults(handler=_similarity)
@@ -400,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_csv_options(encode, required=False)
     encode.add_argument("--output", required=True, help="the embeddings file: .npy, .safetensors or .parquet")
     _add_model_options(encode)
+    _add_trust_option(encode)
     _add_chunk_options(encode)
     encode.add_argument("--json", action="store_true", help="print a JSON summary")
     encode.set_defaults(handler=_encode)
@@ -410,8 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     similar.add_argument("query", help="the query report text")
     _add_csv_options(similar, required=True)
-    similar.add_argument("--top-k", type=int, default=5)
+    similar.add_argument("--top-k", type=_positive_int, default=5)
     _add_model_options(similar)
+    _add_trust_option(similar)
     similar.add_argument("--json", action="store_true", help="print JSON for machines")
     similar.add_argument("--output", help="write the result to this file instead of stdout")
     similar.set_defaults(handler=_similar)
@@ -420,14 +563,15 @@ def build_parser() -> argparse.ArgumentParser:
     index_commands = index.add_subparsers(dest="index_command", required=True)
     build = index_commands.add_parser(
         "build", help="index a CSV column",
-        description="Embed a CSV column and save an EmbeddingIndex folder (plus encoder.json naming the model "
-        "and instruction, which `index search` reuses).",
+        description="Embed a CSV column and save an EmbeddingIndex folder, committed as one unit with the model "
+        "and instruction it was built with (which `index search` reuses). Two builds of one folder take turns.",
     )
     _add_csv_options(build, required=True)
     build.add_argument("--output", required=True, help="the index folder to write")
     build.add_argument("--kind", choices=("flat", "hnsw", "ivf", "pq"), default="flat", help="FAISS index kind (default: flat, exact)")
     build.add_argument("--metadata-column", action="append", default=[], help="a CSV column to store as metadata (repeatable)")
     _add_model_options(build)
+    _add_trust_option(build)
     _add_chunk_options(build)
     build.add_argument("--json", action="store_true", help="print a JSON summary")
     build.set_defaults(handler=_index_build)
@@ -436,8 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("index", help="the index folder")
     search.add_argument("queries", nargs="+", help="query report texts")
-    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--top-k", type=_positive_int, default=5)
     _add_model_options(search, "instruction for the queries (default: the one the index was built with)")
+    _add_trust_option(search)
     search.add_argument("--json", action="store_true", help="print JSON for machines")
     search.add_argument("--output", help="write the result to this file instead of stdout")
     search.set_defaults(handler=_index_search)
@@ -464,9 +609,15 @@ def build_parser() -> argparse.ArgumentParser:
     to_image.set_defaults(handler=_retrieve_report_to_image)
     for direction in (to_report, to_image):
         direction.add_argument("--model", required=True, help="a saved LLM2CLIP4CXR checkpoint directory")
-        direction.add_argument("--instruction", default=None, help="instruction prepended to the reports (default: none)")
-        direction.add_argument("--batch-size", type=int, default=16)
-        direction.add_argument("--top-k", type=int, default=5)
+        direction.add_argument("--instruction", default=None, help=_INSTRUCTION_HELP)
+        direction.add_argument("--batch-size", type=_positive_int, default=16)
+        direction.add_argument("--top-k", type=_positive_int, default=5)
+        direction.add_argument(
+            "--max-image-pixels", type=_non_negative_int, default=None,
+            help="refuse image files declaring more pixels (width x height), before decoding them "
+            "(default: 67108864 = 8192 x 8192; 0: no limit)",
+        )
+        _add_trust_option(direction)
         direction.add_argument("--json", action="store_true", help="print JSON for machines")
         direction.add_argument("--output", help="write the result to this file instead of stdout")
 
@@ -522,13 +673,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_name(args) -> str:
+    parts = [args.command] + [getattr(args, key, None) for key in ("index_command", "direction", "convert_kind")]
+    return " ".join(part for part in parts if part)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+def _error_kind(error: BaseException) -> str:
+    if isinstance(error, LLM2CLIP4CXRError):
+        return error.kind
+    return next((kind for cls, kind in _BUILTIN_KINDS if isinstance(error, cls)), "internal")
+
+
+def _report_error(args, error: BaseException, expected: bool) -> int:
+    message = _one_line(error)
+    if not expected:
+        message = f"unexpected {type(error).__name__}: {message} (rerun with --debug for the traceback)"
+    kind = _error_kind(error) if expected else "internal"
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message, "kind": kind}))
+    else:
+        print(f"llm2clip4cxr {_command_name(args)}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    token = _JSON_ERRORS.set("--json" in argv)
+    try:
+        args = build_parser().parse_args(argv)
+    finally:
+        _JSON_ERRORS.reset(token)
     try:
         return args.handler(args)
-    except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as error:
-        print(f"llm2clip4cxr {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    except KeyboardInterrupt:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": "interrupted", "kind": "interrupted"}))
+        else:
+            print(f"llm2clip4cxr {_command_name(args)}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+            return EXIT_ERROR
+        return _report_error(args, error, expected=isinstance(error, EXPECTED_ERRORS))
 
 
 if __name__ == "__main__":

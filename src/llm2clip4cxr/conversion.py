@@ -13,7 +13,6 @@ docs/compatibility.md lists the key tables.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -25,6 +24,8 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.initialization import no_init_weights
 
+from .checkpoints import check_model_folder, check_safetensors_file, read_json_object
+from .errors import InputError
 from .fileio import atomic_write_folder
 from .modeling.configuration_eva02 import EVA02VisionConfig
 from .modeling.configuration_llm2clip4cxr import LLM2CLIP4CXRConfig
@@ -64,6 +65,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        check_safetensors_file(path)  # a truncated, empty or pickled file: CorruptFileError naming it
         return load_file(path)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
@@ -93,12 +95,14 @@ def _load_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
 
     single = folder / "model.safetensors"
     if single.is_file():
+        check_safetensors_file(single)
         return load_file(single)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        shards = sorted(set(read_json_object(index).get("weight_map", {}).values()))
         weights = {}
         for shard in shards:
+            check_safetensors_file(folder / shard)
             weights.update(load_file(folder / shard))
         return weights
     if (folder / "pytorch_model.bin").is_file():
@@ -140,6 +144,18 @@ def _expected_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, torch.Si
     return {key: value.shape for key, value in module.state_dict().items()}
 
 
+def _refuse_output_over_input(destination: Path, *inputs) -> None:
+    """Writing the destination replaces the whole folder: it must not be, or hold, one of the inputs."""
+    target = destination.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or target in source.parents:
+            raise InputError(
+                f"the destination {destination} is (or contains) the input {given}, which converting would "
+                "delete; choose another output folder."
+            )
+
+
 def _save_atomically(destination: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
     """`write(folder)` into a temporary sibling of `destination`, then rename it into place."""
     if destination.exists() and not overwrite:
@@ -179,9 +195,12 @@ def convert_llm2vec4cxr(
     """
     source, destination = Path(source), Path(destination)
     config_file = source / "config.json"
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such directory (give the published LLM2Vec4CXR folder).")
     if not config_file.is_file():
         raise FileNotFoundError(f"{source} has no config.json: give the published LLM2Vec4CXR folder.")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    _refuse_output_over_input(destination, source)
+    model_type = read_json_object(config_file).get("model_type")
     if model_type == LLM2Vec4CXRConfig.model_type:
         raise ValueError(f"{source} is already an LLM2Vec4CXR checkpoint of this package: load it as it is.")
     if model_type not in SUPPORTED_BACKBONES:
@@ -189,7 +208,8 @@ def convert_llm2vec4cxr(
             f"{source}/config.json has model_type {model_type!r}; the published LLM2Vec4CXR has a plain decoder "
             f"config, one of {SUPPORTED_BACKBONES}."
         )
-    backbone_config = AutoConfig.from_pretrained(source)
+    # Plain Llama/Mistral/Qwen configs: transformers' own classes; no code from the folder runs.
+    backbone_config = AutoConfig.from_pretrained(source, trust_remote_code=False)
     # The published config may name LLM2Vec's classes, which this package does not use.
     backbone_config.architectures = None
     for attribute in ("auto_map",):
@@ -259,7 +279,7 @@ def convert_llm2vec4cxr(
     model.load_state_dict(state_dict, strict=True)
     model.eval()
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)  # a Llama/Mistral/Qwen tokenizer
     if tokenizer.eos_token is None:
         raise ValueError(f"The tokenizer of {source} has no eos token, which the published model pads with.")
     # As the original loader: pad with eos. It pads on the left, which this package's pooling does not need
@@ -366,8 +386,9 @@ def convert_llm2clip4cxr(
         A summary: vision sizes, the merged adapter, key counts.
     """
     state_dict_path, destination = Path(state_dict_path), Path(destination)
+    _refuse_output_over_input(destination, state_dict_path, text_model)
     weights = load_state_dict_file(state_dict_path)
-    text = LLM2Vec4CXRModel.from_pretrained(text_model)
+    text = LLM2Vec4CXRModel.from_pretrained(check_model_folder(text_model, "--text-model"), trust_remote_code=False)
     if text.tokenizer is None:
         raise ValueError(f"{text_model} has no tokenizer files, which the converted checkpoint needs.")
 

@@ -39,17 +39,25 @@ def read_reports_csv(path, text_columns=("findings", "impression"), id_column: s
 
     Raises a ValueError naming the missing columns when the CSV lacks any of them.
     """
+    from .errors import InputError
+    from .tables import bad_utf8_error
+
     path = Path(path)
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        wanted = dict.fromkeys((id_column, *text_columns))  # ordered, without repeats
-        missing = [column for column in wanted if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path} has no column(s) {missing}; its columns are {reader.fieldnames}.")
-        rows = []
-        for row in reader:
-            if any((row.get(column) or "").strip() for column in text_columns):
-                rows.append({key: (value or "").strip() for key, value in row.items()})
+    try:  # utf-8-sig: a BOM written by Excel is not part of the first column's name
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, strict=True)
+            wanted = dict.fromkeys((id_column, *text_columns))  # ordered, without repeats
+            missing = [column for column in wanted if column not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(f"{path} has no column(s) {missing}; its columns are {reader.fieldnames}.")
+            rows = []
+            for row in reader:
+                if any((row.get(column) or "").strip() for column in text_columns):
+                    rows.append({key: (value or "").strip() for key, value in row.items() if key is not None})
+    except UnicodeDecodeError:
+        raise bad_utf8_error(path) from None
+    except csv.Error as error:
+        raise InputError(f"{path}, line {reader.line_num}: {error}; fix the CSV quoting.") from None
     return rows
 
 

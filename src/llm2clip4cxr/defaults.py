@@ -8,7 +8,8 @@ KINDS = ("text", "clip")
 
 def default_model_path(kind: str = "text") -> Path:
     """Folder of the shipped default model of `kind`, loadable by `AutoModel.from_pretrained` (and, for
-    "text", by `SentenceTransformer(..., trust_remote_code=True)`).
+    "text", by `SentenceTransformer(str(path), trust_remote_code=True)`: sentence-transformers 6 needs
+    the path as a `str`, a `Path` makes it raise a TypeError).
 
     "text": LLM2Vec4CXR-tiny trained on Open-I reports (`training/make_default_text_encoder.py`).
     "clip": no default ships, because no chest X-ray images paired with reports are available to

@@ -11,7 +11,6 @@ When every chunk is done they are joined into one `embeddings.npy` that is retur
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -23,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from .data import datasets_progress_bars_off
-from .fileio import atomic_write, remove_partial_writes
+from .errors import InputError
+from .fileio import atomic_write, output_lock, remove_partial_writes
+from .tables import iter_csv_rows, iter_jsonl_rows
 
 __all__ = ["EMBEDDINGS_FILE", "embed_in_chunks", "load_text_dataset"]
 
@@ -37,14 +38,18 @@ def load_text_dataset(
 ):
     """A CSV / parquet / JSON-lines file as a `datasets.Dataset` of its non-empty `column` cells.
 
-    The file is read through `datasets` (Arrow, memory-mapped from its cache), so a collection larger
-    than RAM can be embedded. Rows whose `column` is empty or blank are dropped; the result has the
-    columns `id` (from `id_column`, else the row's position among the kept rows, as a string), `text`
-    and `extra_columns` (as strings).
+    The rows are streamed into a `datasets` Arrow file (memory-mapped from its cache), so a collection
+    larger than RAM can be embedded. CSV and JSON lines are read strictly (`llm2clip4cxr.tables`): UTF-8
+    with or without a BOM, every cell as text (no "007" -> 7), and any problem (bad quoting, a row with
+    too many cells, a byte that is not UTF-8, a header without rows) is an `InputError` naming the file and
+    line. Rows whose `column` is empty or blank are dropped; the result has the columns `id` (from
+    `id_column`, else the row's position among the kept rows, as a string), `text` and `extra_columns`
+    (as strings).
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: unknown suffix, a missing column, no non-empty text, or repeated ids.
+        InputError (a ValueError): unknown suffix, unreadable content, a missing column, no non-empty text,
+            or missing or repeated ids.
     """
     path = Path(path)
     if not path.is_file():
@@ -55,38 +60,70 @@ def load_text_dataset(
         return _load_text_dataset(path, column, id_column, extra_columns)
 
 
-def _load_text_dataset(path: Path, column: str, id_column: str | None, extra_columns: Sequence[str]):
-    import datasets
+_TEXT_READERS = {".csv": iter_csv_rows, ".jsonl": iter_jsonl_rows, ".json": iter_jsonl_rows}
+_READER_VERSION = 2  # part of the cache fingerprint: bump when the readers change what they yield
 
-    builders = {".csv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json"}
-    if path.suffix not in builders:
-        raise ValueError(f"{path}: expected a .csv, .parquet or .jsonl file, got {path.suffix!r}.")
-    reader_options = {}
-    if path.suffix == ".csv":  # every cell as text (no "007" -> 7) and an empty cell as "", not NaN
-        with path.open(newline="", encoding="utf-8") as handle:
-            header = next(csv.reader(handle), None)
-        if not header:
-            raise ValueError(f"{path} is empty: expected a header row naming the columns.")
-        features = datasets.Features({name: datasets.Value("string") for name in header})
-        reader_options = {"features": features, "keep_default_na": False}
-    dataset = datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train", **reader_options)
-    wanted = list(dict.fromkeys(name for name in (column, id_column, *extra_columns) if name))
-    missing = [name for name in wanted if name not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{path} has no column(s) {missing}; its columns are {dataset.column_names}.")
+
+def _generate_rows(path: str, columns: tuple[str, ...], suffix: str):
+    yield from _TEXT_READERS[suffix](path, list(columns))
+
+
+def _read_table(path: Path, wanted: list[str]):
+    """The `wanted` columns of `path` as a datasets.Dataset (CSV / JSON lines: all strings)."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    if path.suffix == ".parquet":
+        try:
+            dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as error:  # pyarrow / datasets raise many types for a damaged file
+            raise InputError(f"{path}: not a readable parquet file ({_last_line(error)}).") from None
+        missing = [name for name in wanted if name not in dataset.column_names]
+        if missing:
+            raise InputError(f"{path} has no column(s) {missing}; its columns are {dataset.column_names}.")
+        return dataset.select_columns(wanted)
+    stat = path.stat()
+    # The file's identity and version, so the Arrow cache is reused for the same file and never for an edited one.
+    fingerprint = hashlib.sha256(json.dumps(
+        [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, wanted, _READER_VERSION]
+    ).encode()).hexdigest()[:32]
+    features = datasets.Features({name: datasets.Value("string") for name in wanted})
+    try:
+        return datasets.Dataset.from_generator(
+            _generate_rows, features=features, fingerprint=fingerprint,
+            # a tuple: datasets would split a list in gen_kwargs into shards
+            gen_kwargs={"path": str(path), "columns": tuple(wanted), "suffix": path.suffix},
+        )
+    except DatasetGenerationError as error:
+        cause = error.__cause__
+        if isinstance(cause, (InputError, OSError)):
+            raise cause from None
+        raise InputError(f"{path}: could not be read ({_last_line(cause or error)}).") from None
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _load_text_dataset(path: Path, column: str, id_column: str | None, extra_columns: Sequence[str]):
+    if path.suffix not in (*_TEXT_READERS, ".parquet"):
+        raise InputError(f"{path}: expected a .csv, .parquet or .jsonl file, got {path.suffix!r}.")
     reserved = [name for name in extra_columns if name in ("id", "text")]
     if reserved:
-        raise ValueError(f"extra column names {reserved} clash with the output columns 'id' and 'text'.")
-    dataset = dataset.select_columns(wanted)
+        raise InputError(f"extra column names {reserved} clash with the output columns 'id' and 'text'.")
+    wanted = list(dict.fromkeys(name for name in (column, id_column, *extra_columns) if name))
+    dataset = _read_table(path, wanted)
     dataset = dataset.filter(
         lambda batch: [text is not None and bool(str(text).strip()) for text in batch[column]],
         batched=True, desc="dropping empty reports",
     )
     if len(dataset) == 0:
-        raise ValueError(f"{path}: column {column!r} has no non-empty text.")
+        raise InputError(f"{path}: column {column!r} has no non-empty text.")
 
     def to_output_columns(batch, indices):
-        out = {"id": [str(value) for value in batch[id_column]] if id_column else [str(i) for i in indices]}
+        out = {"id": [None if value is None else str(value) for value in batch[id_column]] if id_column
+               else [str(i) for i in indices]}
         out["text"] = [str(text) for text in batch[column]]
         out.update({name: ["" if value is None else str(value) for value in batch[name]] for name in extra_columns})
         return out
@@ -96,10 +133,16 @@ def _load_text_dataset(path: Path, column: str, id_column: str | None, extra_col
     )
     if id_column:
         ids = list(dataset["id"])
+        empty = next((i for i, id_ in enumerate(ids) if id_ is None or not id_.strip()), None)
+        if empty is not None:
+            raise InputError(
+                f"{path}: id column {id_column!r} is empty for the report {dataset[empty]['text'][:60]!r}; every "
+                "report needs an id."
+            )
         if len(set(ids)) != len(ids):
             seen: set[str] = set()
             repeated = next(id_ for id_ in ids if id_ in seen or seen.add(id_))
-            raise ValueError(f"{path}: id column {id_column!r} repeats the id {repeated!r}; ids must be unique.")
+            raise InputError(f"{path}: id column {id_column!r} repeats the id {repeated!r}; ids must be unique.")
     return dataset.select_columns(["id", "text", *extra_columns])
 
 
@@ -113,6 +156,8 @@ def embed_in_chunks(
     encoder_name: str = "",
     dtype: str = "float32",
     progress: bool = True,
+    wait: bool = True,
+    on_wait: Callable[[Path], None] | None = None,
 ) -> np.memmap:
     """Encode `dataset[column]` chunk by chunk into `output_dir`, resuming a run that was interrupted.
 
@@ -126,6 +171,9 @@ def embed_in_chunks(
             the same one, so that chunks from two models are never mixed.
         dtype (`str`, defaults to `"float32"`): dtype of the stored embeddings (`"float16"` halves disk).
         progress (`bool`, defaults to True): show a tqdm bar over chunks.
+        wait (`bool`, defaults to True): if another process works in `output_dir` (it holds
+            `output_lock(output_dir)`), wait for it; with False raise `OutputLockedError`.
+        on_wait (`Callable[[Path], None]`, *optional*): called with the lock file before waiting.
 
     Returns:
         The `(len(dataset), dim)` embeddings, memory-mapped read-only from `output_dir/embeddings.npy`.
@@ -150,38 +198,40 @@ def embed_in_chunks(
         "dtype": np.dtype(dtype).name,
         "data_fingerprint": _fingerprint(dataset, column),
     }
-    _check_or_write_manifest(output_dir, manifest)
-    if final.is_file():  # a finished run: nothing to compute
+    # Two runs on one folder would write and delete each other's chunks: they take turns.
+    with output_lock(output_dir, wait=wait, on_wait=on_wait):
+        _check_or_write_manifest(output_dir, manifest)
+        if final.is_file():  # a finished run: nothing to compute
+            return np.load(final, mmap_mode="r")
+
+        chunks_dir = output_dir / _CHUNKS_DIR
+        chunks_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(chunks_dir)  # a chunk a killed run was writing
+        num_chunks = math.ceil(len(dataset) / chunk_size)
+        paths = [chunks_dir / f"chunk-{i:06d}-of-{num_chunks:06d}.npy" for i in range(num_chunks)]
+        done = sum(path.is_file() for path in paths)
+        dim = None
+        with tqdm(total=num_chunks, initial=done, desc="embedding chunks", unit="chunk", disable=not progress) as bar:
+            for i, path in enumerate(paths):
+                if path.is_file():
+                    continue
+                start = i * chunk_size
+                values = dataset[start : start + chunk_size][column]
+                embeddings = np.asarray(encode(values))
+                if embeddings.ndim != 2 or embeddings.shape[0] != len(values):
+                    raise ValueError(
+                        f"encode() returned shape {embeddings.shape} for a chunk of {len(values)} rows; "
+                        "expected (rows, dim)."
+                    )
+                dim = dim or _existing_dim(paths) or embeddings.shape[1]
+                if embeddings.shape[1] != dim:
+                    raise ValueError(f"encode() returned width {embeddings.shape[1]}, earlier chunks have {dim}.")
+                atomic_write(path, lambda temp: np.save(temp, embeddings.astype(dtype, copy=False)))
+                bar.update(1)
+
+        _join_chunks(paths, final, dtype)
+        shutil.rmtree(chunks_dir)
         return np.load(final, mmap_mode="r")
-
-    chunks_dir = output_dir / _CHUNKS_DIR
-    chunks_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_writes(chunks_dir)  # a chunk a killed run was writing
-    num_chunks = math.ceil(len(dataset) / chunk_size)
-    paths = [chunks_dir / f"chunk-{i:06d}-of-{num_chunks:06d}.npy" for i in range(num_chunks)]
-    done = sum(path.is_file() for path in paths)
-    dim = None
-    with tqdm(total=num_chunks, initial=done, desc="embedding chunks", unit="chunk", disable=not progress) as bar:
-        for i, path in enumerate(paths):
-            if path.is_file():
-                continue
-            start = i * chunk_size
-            values = dataset[start : start + chunk_size][column]
-            embeddings = np.asarray(encode(values))
-            if embeddings.ndim != 2 or embeddings.shape[0] != len(values):
-                raise ValueError(
-                    f"encode() returned shape {embeddings.shape} for a chunk of {len(values)} rows; "
-                    "expected (rows, dim)."
-                )
-            dim = dim or _existing_dim(paths) or embeddings.shape[1]
-            if embeddings.shape[1] != dim:
-                raise ValueError(f"encode() returned width {embeddings.shape[1]}, earlier chunks have {dim}.")
-            atomic_write(path, lambda temp: np.save(temp, embeddings.astype(dtype, copy=False)))
-            bar.update(1)
-
-    _join_chunks(paths, final, dtype)
-    shutil.rmtree(chunks_dir)
-    return np.load(final, mmap_mode="r")
 
 
 def _fingerprint(dataset, column: str) -> str:

@@ -48,17 +48,29 @@ def build_text_encoder(tokenizer, family: str = "llama", pooling_mode: str = "me
     return model
 
 
-def encoder_from_decoder(path, pooling_mode: str = "mean", tokenizer=None, **config_kwargs) -> LLM2Vec4CXRModel:
+def encoder_from_decoder(path, pooling_mode: str = "mean", tokenizer=None, trust_remote_code: bool = False,
+                         **config_kwargs) -> LLM2Vec4CXRModel:
     """Turn a saved decoder LLM (a Llama/Mistral/Qwen2/Qwen3 folder or Hub id) into an LLM2Vec4CXRModel:
-    its weights in a bidirectional backbone, a freshly initialised pooling head, and its tokenizer."""
+    its weights in a bidirectional backbone, a freshly initialised pooling head, and its tokenizer.
+
+    These families are transformers' own classes: no Python file of `path` runs unless
+    `trust_remote_code=True` (a folder that needs it raises `UntrustedCodeError`).
+    """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    config = LLM2Vec4CXRConfig(backbone_config=AutoConfig.from_pretrained(path), pooling_mode=pooling_mode, **config_kwargs)
-    encoder = LLM2Vec4CXRModel(config)
-    backbone, info = AutoModel.from_pretrained(path, config=config.backbone_config, output_loading_info=True)
+    from .checkpoints import remote_code_guard
+
+    with remote_code_guard(path, trust_remote_code) as remote:
+        backbone_config = AutoConfig.from_pretrained(path, **remote)
+        config = LLM2Vec4CXRConfig(backbone_config=backbone_config, pooling_mode=pooling_mode, **config_kwargs)
+        encoder = LLM2Vec4CXRModel(config)
+        backbone, info = AutoModel.from_pretrained(path, config=config.backbone_config, output_loading_info=True,
+                                                   **remote)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     missing = [key for key in info.get("missing_keys", []) if "rotary" not in key]
     if missing:
         raise ValueError(f"{path} is missing backbone weights {missing[:10]}: is it a decoder checkpoint of this family?")
     encoder.model = backbone
-    encoder.set_tokenizer(tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path))
+    encoder.set_tokenizer(tokenizer)
     return encoder

@@ -6,9 +6,11 @@
     print(plan.describe())  # the files and the rendered model card, nothing sent
     push_to_hub("runs/contrastive/model", "my-org/llm2vec4cxr-small", results="runs/eval/results.json")
 
-Before anything is uploaded the folder is checked: safetensors weights only (pickle files are refused), and
-it must load in fresh Python processes through the checkpoint's own remote code, through this package's Auto
-classes and, for a text encoder, through sentence-transformers, with the same outputs everywhere. The model
+Before anything is uploaded the folder is checked: safetensors weights only (pickle files are refused, damaged
+safetensors files too), and it must load in a fresh Python process through this package's Auto classes. With
+`trust_remote_code=True` it must also load through the checkpoint's own remote code and, for a text encoder,
+through sentence-transformers, with the same outputs everywhere; without it no Python file of the folder is
+run (a stranger's checkpoint could run anything) and the plan says those checks were not tried. The model
 card (`README.md`) is rendered from `hub_cards/` with the evaluation results as its model-index. A peft
 LoRA adapter folder (one with `adapter_config.json`) is pushed as an adapter with its base model named in
 the card, or merged into its base first (`merge=True`).
@@ -30,6 +32,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 from huggingface_hub.utils import validate_repo_id
 
+from .checkpoints import check_safetensors_file
+from .errors import LLM2CLIP4CXRError
 from .fileio import atomic_write_folder
 from .hub_card import model_card, select_model_results
 
@@ -44,8 +48,14 @@ SAMPLE_REPORT = "No acute cardiopulmonary process."
 VERIFY_TIMEOUT_S = 600
 
 
-class CheckpointVerificationError(ValueError):
+class CheckpointVerificationError(LLM2CLIP4CXRError, ValueError):
     """A checkpoint folder failed one of the load checks run before pushing it."""
+
+    kind = "verification"
+
+
+# The status of the checks that would run the folder's own code, when it is not trusted.
+NOT_TRIED = "not tried: it runs the folder's own Python code (pass --trust-remote-code / trust_remote_code=True)"
 
 
 @dataclass
@@ -57,7 +67,8 @@ class PushPlan:
         kind: "text" (LLM2Vec4CXR), "clip" (LLM2CLIP4CXR), "text-adapter" or "clip-adapter".
         files: `{path in the repository: local path}` of the files uploaded as they are.
         card: the model card uploaded as README.md.
-        verification: `{check name: "ok" or the reason it failed}` (empty when verification was skipped).
+        verification: `{check name: "ok", `NOT_TRIED` or the reason it failed}` (empty when verification was
+            skipped).
         commit: the `CommitInfo` of the push; None for a dry run.
     """
 
@@ -144,6 +155,9 @@ def files_to_push(model_dir) -> dict[str, Path]:
         )
     if not any(name.endswith((".safetensors", ".safetensors.index.json")) for name in files):
         raise ValueError(f"{model_dir} holds no .safetensors weights; save the model with save_pretrained first.")
+    for name, path in files.items():
+        if name.endswith(".safetensors"):
+            check_safetensors_file(path)  # an empty or truncated file, or a pickle in disguise, is not published
     return files
 
 
@@ -192,7 +206,8 @@ import torch
 import transformers
 transformers.logging.set_verbosity_error()
 from transformers import AutoModel, AutoProcessor
-remote = {"trust_remote_code": True} if mode == "hub" else {}
+# Explicit either way: transformers never prompts, and "package" runs no file of the folder.
+remote = {"trust_remote_code": mode == "hub"}
 
 def load_model():
     if mode == "package":
@@ -245,18 +260,21 @@ def _error_line(stderr: str) -> str | None:
     return (errors or lines or [None])[-1]
 
 
-def verify_checkpoint(model_dir, *, base_model: str | None = None, timeout: float = VERIFY_TIMEOUT_S) -> dict[str, str]:
+def verify_checkpoint(
+    model_dir, *, base_model: str | None = None, timeout: float = VERIFY_TIMEOUT_S, trust_remote_code: bool = False
+) -> dict[str, str]:
     """Load `model_dir` in fresh Python processes, each way a user of the Hub repository would.
 
-    Checks: "remote_code" (`AutoModel.from_pretrained(..., trust_remote_code=True)` with llm2clip4cxr
-    not importable), "package" (`import llm2clip4cxr` then `AutoModel.from_pretrained`, which must give
-    the package's class) and, for a text encoder, "sentence_transformers" (`SentenceTransformer(...,
+    Checks: "package" (`import llm2clip4cxr` then `AutoModel.from_pretrained(..., trust_remote_code=False)`,
+    which must give the package's class) and, only with `trust_remote_code=True` since they run the
+    folder's own Python files, "remote_code" (`AutoModel.from_pretrained(..., trust_remote_code=True)` with
+    llm2clip4cxr not importable) and, for a text encoder, "sentence_transformers" (`SentenceTransformer(...,
     trust_remote_code=True)`, also without the package). Each encodes one report (an LLM2CLIP4CXR model:
     its text features, or a weight checksum without a processor); the outputs must agree. Adapters are
     loaded onto their base model with peft.
 
     Returns:
-        `{check: "ok"}` when all pass.
+        `{check: "ok"}` when all pass; the checks not run without `trust_remote_code` are `NOT_TRIED`.
 
     Raises:
         CheckpointVerificationError: naming every failed check and its error.
@@ -265,11 +283,14 @@ def verify_checkpoint(model_dir, *, base_model: str | None = None, timeout: floa
     kind = checkpoint_kind(model_dir)
     base = _adapter_base_source(model_dir, base_model) if kind.endswith("-adapter") else ""
     expected = ["remote_code", "package"] + (["sentence_transformers"] if kind == "text" else [])
+    if not trust_remote_code:
+        expected = ["package"]
+    modes = ("hub", "package") if trust_remote_code else ("package",)
     with tempfile.TemporaryDirectory() as scratch:
         # A private modules cache: remote code is imported from this checkpoint, not a stale copy.
         env = {**os.environ, "HF_MODULES_CACHE": scratch, "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-        result_files = {mode: Path(scratch) / f"{mode}.json" for mode in ("hub", "package")}
+        result_files = {mode: Path(scratch) / f"{mode}.json" for mode in modes}
         processes = {
             mode: subprocess.Popen(
                 [sys.executable, "-c", _VERIFY_SCRIPT, mode, kind, str(model_dir), base, SAMPLE_REPORT,
@@ -313,6 +334,10 @@ def verify_checkpoint(model_dir, *, base_model: str | None = None, timeout: floa
             if not np.allclose(results[check]["output"], reference, rtol=1e-4, atol=1e-5):
                 outcomes[check] = f"failed: its output differs from the {passed[0]} check's"
     failed = {check: status for check, status in outcomes.items() if status != "ok"}
+    if not trust_remote_code:
+        outcomes["remote_code"] = NOT_TRIED
+        if kind == "text":
+            outcomes["sentence_transformers"] = NOT_TRIED
     if failed:
         raise CheckpointVerificationError(
             f"{model_dir} did not pass the load checks, so it was not pushed: "
@@ -362,10 +387,10 @@ def build_card(
     from transformers import AutoConfig  # the package's configs are registered by importing llm2clip4cxr
 
     if kind.endswith("-adapter"):
-        config = AutoConfig.from_pretrained(_adapter_base_source(model_dir, base_model))
+        config = AutoConfig.from_pretrained(_adapter_base_source(model_dir, base_model), trust_remote_code=False)
         base_model = _adapter_base_id(model_dir, base_model)
     else:
-        config = AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     model_name = model_name or (existing.data.model_name if existing is not None else None)
     results = _read_results(results, model_dir)
     if results is not None:
@@ -386,13 +411,14 @@ def merge_adapter(adapter_dir, output_dir, *, base_model: str | None = None) -> 
     if not checkpoint_kind(adapter_dir).endswith("-adapter"):
         raise ValueError(f"{adapter_dir} has no {ADAPTER_CONFIG}: it is not a LoRA adapter to merge.")
     load_from = _adapter_base_source(adapter_dir, base_model)
-    merged = PeftModel.from_pretrained(AutoModel.from_pretrained(load_from), adapter_dir).merge_and_unload()
+    base = AutoModel.from_pretrained(load_from, trust_remote_code=False)  # the package's registered classes
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
     def write(staging: Path) -> None:
         merged.save_pretrained(staging)
         if merged.config.model_type == "llm2clip4cxr":
             try:
-                AutoProcessor.from_pretrained(load_from).save_pretrained(staging)
+                AutoProcessor.from_pretrained(load_from, trust_remote_code=False).save_pretrained(staging)
             except OSError:  # the base has no processor saved: neither will the merged model
                 pass
 
@@ -416,6 +442,7 @@ def push_to_hub(
     keep_card: bool = False,
     merge: bool = False,
     verify: bool = True,
+    trust_remote_code: bool = False,
 ) -> PushPlan:
     """Check, card and upload a saved LLM2Vec4CXR / LLM2CLIP4CXR checkpoint (or LoRA adapter) to the Hub.
 
@@ -432,6 +459,8 @@ def push_to_hub(
         base_model: the Hub id of an adapter's base model (or of the model a full checkpoint was fine-tuned from).
         merge: merge an adapter into its base and push the merged weights instead of the adapter.
         verify: run `verify_checkpoint` first (on by default; a failed check stops the push).
+        trust_remote_code: let the verification run the folder's own Python files (its remote-code and
+            sentence-transformers checks); without it only the package check runs and the plan says so.
 
     Returns:
         The `PushPlan`; after a push its `commit` holds huggingface_hub's `CommitInfo`.
@@ -451,7 +480,7 @@ def push_to_hub(
                 merged, repo_id, private=private, revision=revision, commit_message=commit_message,
                 create_pr=create_pr, dry_run=dry_run, token=token,
                 results=_read_results(results, model_dir), results_model=results_model,
-                model_name=model_name, base_model=base_model, verify=verify,
+                model_name=model_name, base_model=base_model, verify=verify, trust_remote_code=trust_remote_code,
             )
     files = files_to_push(model_dir)
     card = build_card(model_dir, repo_id, results=results, results_model=results_model, model_name=model_name,
@@ -461,7 +490,7 @@ def push_to_hub(
         commit_message=commit_message or f"Upload {kind} checkpoint with llm2clip4cxr",
     )
     if verify:
-        plan.verification = verify_checkpoint(model_dir, base_model=base_model)
+        plan.verification = verify_checkpoint(model_dir, base_model=base_model, trust_remote_code=trust_remote_code)
     if dry_run:
         return plan
     api = HfApi(token=token)

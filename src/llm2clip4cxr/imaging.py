@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Union
 
@@ -20,12 +21,16 @@ import numpy as np
 import torch
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from .errors import LLM2CLIP4CXRError
 from .modeling.processing_llm2clip4cxr import RESAMPLE_MODES, LLM2CLIP4CXRImageProcessor
 
 if TYPE_CHECKING:
     import PIL.Image
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageInput", "ImageLoadError", "ImagePreprocessor", "load_image"]
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "MAX_IMAGE_PIXELS", "ImageInput", "ImageLoadError", "ImagePreprocessor",
+    "ImageTooLargeError", "load_image",
+]
 
 # OpenAI CLIP's normalisation: the statistics CLIP-style vision towers expect by default.
 CLIP_MEAN = tuple(OPENAI_CLIP_MEAN)
@@ -37,17 +42,41 @@ _RESAMPLE_CODES = {mode: code for code, mode in RESAMPLE_MODES.items()}
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+# Files declaring more pixels than this are refused before they are decoded (a 200 KB PNG can declare
+# 13000 x 13000 and take 1.3 GB). 8192 x 8192 is about 3.5x the largest chest detector (43 cm at 100 um);
+# pass `max_pixels=` to load_image (or --max-image-pixels) to change it per call, or set this attribute.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# RGB -> gray is done this many rows at a time, so the float32 copy of all three channels is never whole.
+_GRAY_ROWS = 256
 _EXTRA_HINT = 'pip install "llm2clip4cxr[imaging]"'
 
 ImageInput = Union[str, "os.PathLike[str]", "PIL.Image.Image", np.ndarray]
 
 
-class ImageLoadError(OSError, ValueError):
+class ImageLoadError(LLM2CLIP4CXRError, OSError, ValueError):
     """An image file (or in-memory image) could not be turned into a usable grayscale image.
 
     Subclasses both OSError and ValueError (like `io.UnsupportedOperation`), so callers that skip bad
     files with either `except OSError` or `except ValueError` catch it.
     """
+
+    kind = "image"
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An image file declares more pixels than the limit (`MAX_IMAGE_PIXELS` or `max_pixels=`)."""
+
+    kind = "image-too-large"
+
+
+def _check_pixels(path: str, width: int, height: int, max_pixels: int | None) -> None:
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit and width * height > limit:
+        raise ImageTooLargeError(
+            f"{path} declares {width} x {height} = {width * height:,} pixels, over the limit of {limit:,} "
+            "(llm2clip4cxr.imaging.MAX_IMAGE_PIXELS); it is refused before decoding. If it is a genuine image, "
+            "raise the limit (--max-image-pixels, or max_pixels= in Python)."
+        )
 
 
 def _import_optional(module: str) -> Any:
@@ -75,13 +104,21 @@ def _min_max(image: np.ndarray, source: str) -> np.ndarray:
         )
     # float64 keeps rescaled DICOM values exact; 8/16-bit pixels are exact in float32 and twice as fast.
     work_dtype = np.float64 if image.dtype in (np.float64, np.int32, np.uint32, np.int64, np.uint64) else np.float32
-    scaled = (image.astype(work_dtype) - work_dtype(low)) * work_dtype(1.0 / (float(high) - float(low)))
+    low, high = work_dtype(low), work_dtype(high)
+    scaled = image.astype(work_dtype)  # a copy: the ops below are in place (one image-sized buffer, not three)
+    scaled -= low
+    # Divide, not multiply by a reciprocal: x / x is exactly 1 in IEEE arithmetic, x * (1 / x) may be 1 - ulp.
+    scaled /= high - low
     return scaled.astype(np.float32, copy=False)
 
 
 def _rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
     """(H, W, 3) -> (H, W) luma in float32 (no 8-bit rounding, unlike Pillow's convert("L"))."""
-    return rgb[..., :3].astype(np.float32, copy=False) @ _LUMA
+    gray = np.empty(rgb.shape[:2], dtype=np.float32)
+    for start in range(0, rgb.shape[0], _GRAY_ROWS):
+        rows = rgb[start : start + _GRAY_ROWS, :, :3]
+        gray[start : start + _GRAY_ROWS] = rows.astype(np.float32, copy=False) @ _LUMA
+    return gray
 
 
 def _pil_to_gray(image: PIL.Image.Image) -> np.ndarray:
@@ -105,14 +142,19 @@ def _check_frame(frame: int | None, n_frames: int, path: str) -> None:
         raise ValueError(f"`frame` must be an int in [0, {n_frames - 1}] for {path}, got {frame!r}.")
 
 
-def _read_with_pillow(path: str, frame: int | None) -> np.ndarray:
+def _read_with_pillow(path: str, frame: int | None, max_pixels: int | None) -> np.ndarray:
     Image = _import_optional("PIL.Image")
     ImageOps = _import_optional("PIL.ImageOps")
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():  # our own limit is checked below; Pillow's warning would only repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ImageTooLargeError(f"{path} is refused as too large to decode safely ({err}).") from err
     except Exception as err:
         raise ImageLoadError(f"Could not read {path} as an image ({type(err).__name__}: {err}).") from err
     with image:
+        _check_pixels(path, image.width, image.height, max_pixels)  # from the header, before decoding
         # MPO is a JPEG with camera preview images appended; frame 0 is the photograph itself.
         n_frames = 1 if image.format == "MPO" else getattr(image, "n_frames", 1)
         _check_frame(frame, n_frames, path)
@@ -148,16 +190,27 @@ def _missing_decoder_message(path: str, transfer_syntax: Any, decoder: Any) -> s
     )
 
 
-def _read_dicom(path: str, frame: int | None, has_preamble: bool) -> np.ndarray:
+def _read_dicom(path: str, frame: int | None, has_preamble: bool, max_pixels: int | None) -> np.ndarray:
     pydicom = _import_optional("pydicom")
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
 
     try:
-        # force=True only for .dcm files without the 'DICM' marker (old or non-conformant exports).
-        ds = pydicom.dcmread(path, force=not has_preamble)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # force=True only for .dcm files without the 'DICM' marker (old or non-conformant exports).
+            ds = pydicom.dcmread(path, force=not has_preamble)
     except Exception as err:
         raise ImageLoadError(f"Could not read {path} as DICOM ({type(err).__name__}: {err}).") from err
     if "PixelData" not in ds:
+        # pydicom stops quietly at the end of a truncated file, dropping the element it was reading: say
+        # that, rather than that the file has no pixel data.
+        with open(path, "rb") as handle:
+            cut_off = b"\xe0\x7f\x10\x00" in handle.read() or any("End of file" in str(w.message) for w in caught)
+        if cut_off:
+            raise ImageLoadError(
+                f"{path} is truncated: the file ends inside its data ({os.path.getsize(path):,} bytes), before the "
+                "(7FE0,0010) Pixel Data is complete; copy or download it again."
+            )
         hint = "" if has_preamble else " It has no 'DICM' marker at byte 128 either: is it a DICOM file at all?"
         raise ImageLoadError(
             f"{path} has no (7FE0,0010) Pixel Data, so there is no image to load "
@@ -177,6 +230,7 @@ def _read_dicom(path: str, frame: int | None, has_preamble: bool) -> np.ndarray:
         raise ImageLoadError(_missing_decoder_message(path, transfer_syntax, decoder))
 
     _check_frame(frame, int(ds.get("NumberOfFrames") or 1), path)
+    _check_pixels(path, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0), max_pixels)
     try:
         pixels = pixel_array(ds, index=frame)
     except Exception as err:
@@ -211,7 +265,7 @@ def _read_dicom(path: str, frame: int | None, has_preamble: bool) -> np.ndarray:
     )
 
 
-def load_image(path: str | os.PathLike[str], *, frame: int | None = None) -> np.ndarray:
+def load_image(path: str | os.PathLike[str], *, frame: int | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Load a chest X-ray file as a float32 grayscale array of shape (H, W) in [0, 1], bone bright.
 
     Formats: PNG, JPEG (and other raster formats Pillow reads, e.g. TIFF), 8- or 16-bit, grayscale or colour
@@ -226,11 +280,14 @@ def load_image(path: str | os.PathLike[str], *, frame: int | None = None) -> np.
         path: The image file.
         frame: Which frame of a multi-frame file (DICOM, TIFF, GIF) to load, from 0. Multi-frame files
             require it: picking the first frame silently could return the wrong view.
+        max_pixels: Refuse a file whose header declares more pixels (width x height) than this, before
+            decoding it. None: `MAX_IMAGE_PIXELS` (8192 x 8192); 0: no limit.
 
     Raises:
         FileNotFoundError: `path` does not exist.
         ImageLoadError: The file is corrupt, truncated, not an image, constant, multi-frame without `frame`,
             or a compressed DICOM whose decoder plugin is missing (the message names the pip command).
+        ImageTooLargeError: The file declares more pixels than `max_pixels`.
         ImportError: Pillow or pydicom is needed and not installed.
     """
     path = os.fspath(path)
@@ -238,8 +295,8 @@ def load_image(path: str | os.PathLike[str], *, frame: int | None = None) -> np.
         header = handle.read(132)
     has_preamble = header[128:132] == b"DICM"
     if has_preamble or os.path.splitext(path)[1].lower() in _DICOM_SUFFIXES:
-        return _read_dicom(path, frame, has_preamble)
-    return _read_with_pillow(path, frame)
+        return _read_dicom(path, frame, has_preamble, max_pixels)
+    return _read_with_pillow(path, frame, max_pixels)
 
 
 def _to_gray(image: ImageInput, source: str) -> np.ndarray:
@@ -358,5 +415,6 @@ class ImagePreprocessor:
             images = list(images) if hasattr(images, "__iter__") else [images]
         if len(images) == 0:
             raise ValueError("`images` is empty; pass at least one path, PIL image or array.")
-        grays = [_to_gray(image, f"images[{i}]") for i, image in enumerate(images)]
-        return self.image_processor(grays)["pixel_values"]
+        # One image at a time: only one full-resolution image is in memory, whatever the batch size.
+        return torch.cat([self.image_processor([_to_gray(image, f"images[{i}]")])["pixel_values"]
+                          for i, image in enumerate(images)])

@@ -37,24 +37,29 @@ memory-mapped `.npy` file), so the index can be retrained or inspected without r
 import json
 import os
 import re
+import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .fileio import atomic_write
+from . import fileio
+from .errors import CorruptFileError, InputError
+from .fileio import atomic_write, fsync_directory, honour_umask, is_partial_write, output_lock, sha256_file
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "pq")
 
 CONFIG_NAME = "index_config.json"
-_FILE_TEMPLATES = {"faiss": "index.{token}.faiss", "vectors": "vectors.{token}.npy", "metadata": "metadata.{token}.jsonl"}
-# Data files of any save, and the temp files (".<name>.<32 hex>.tmp") a crashed save may leave behind.
-_DATA_FILE = r"(index\.[0-9a-f]{12}\.faiss|vectors\.[0-9a-f]{12}\.npy|metadata\.[0-9a-f]{12}\.jsonl)"
-_SAVED_FILE = re.compile(rf"^({_DATA_FILE}|\.({_DATA_FILE}|index_config\.json)\.[0-9a-f]{{32}}\.tmp)$")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+_GENERATION_PREFIX = "generation-"
+_GENERATION = re.compile(r"^generation-[0-9a-f]{12}$")
+_FILE_NAMES = {"faiss": "index.faiss", "vectors": "vectors.npy", "metadata": "metadata.jsonl"}
+# Format 1 kept its data files beside index_config.json; the first format-2 save removes them.
+_V1_DATA_FILE = re.compile(r"^(index\.[0-9a-f]{12}\.faiss|vectors\.[0-9a-f]{12}\.npy|metadata\.[0-9a-f]{12}\.jsonl)$")
+_LOAD_ATTEMPTS = 5
 
 # Rows converted to float32 at a time when adding or saving: 64k x 512 x 4 B = 128 MiB.
 _CHUNK_ROWS = 65536
@@ -146,6 +151,8 @@ class EmbeddingIndex:
         # Float16 vector store: (array, prepared) segments. prepared=False marks a caller's np.memmap
         # that is referenced as-is and converted (normalised, float16) whenever it is read.
         self._segments: list[tuple[np.ndarray, bool]] = []
+        # What `save(info=...)` committed with the index (e.g. the encoder of its vectors).
+        self.info: dict = {}
 
     # ------------------------------------------------------------------ properties
 
@@ -335,80 +342,153 @@ class EmbeddingIndex:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write the index to `directory` so that a crash never leaves a half-written index behind.
+    def save(
+        self,
+        directory: str | os.PathLike,
+        *,
+        info: dict | None = None,
+        wait: bool = True,
+        on_wait: Callable[[Path], None] | None = None,
+    ) -> None:
+        """Write the index to `directory` as one unit: a reader or a crash sees the old index or the new one.
 
-        Every save writes a fresh set of files named with a random token, each through a temp file
-        and `os.replace`: `index.<token>.faiss` (the FAISS index), `vectors.<token>.npy` (float16
-        vectors, filled in chunks through `np.lib.format.open_memmap`) and `metadata.<token>.jsonl`
-        (one `{"id", "metadata"}` object per vector, in order). Then `index_config.json`, which names
-        the token, is replaced: that rename is the commit point, so `load` sees either the old index or
-        the new one. Files of earlier saves are deleted last. Afterwards the in-memory vector store is
-        swapped for a memory map of the saved vectors, which releases its RAM.
+        Every save writes a new generation folder, `generation-<token>/`, holding `index.faiss` (the FAISS
+        index), `vectors.npy` (float16 vectors, filled in chunks through `np.lib.format.open_memmap`) and
+        `metadata.jsonl` (one `{"id", "metadata"}` object per vector, in order), each fsynced. Then
+        `index_config.json`, which names the generation, the SHA-256 and size of each of its files, the
+        index settings and `info`, is replaced through a temp file and one `os.replace`: that rename is the
+        commit point. Older generations (and temp files of killed saves) are deleted last. A save killed
+        at any point leaves the previous index loadable. Afterwards the in-memory vector store is swapped
+        for a memory map of the saved vectors, which releases its RAM.
+
+        Two saves to one folder (threads or processes) take turns through `output_lock(directory)`
+        (a `filelock` lock file `directory/.lock`); the last to commit wins, whole.
+
+        Args:
+            directory: the index folder (created if missing).
+            info: JSON-serialisable dict committed with the index, e.g. the encoder its vectors came from;
+                `load()` returns it as `index.info`.
+            wait: if another process is saving to `directory`, wait for it (default), else raise
+                `OutputLockedError`.
+            on_wait: called with the lock file before waiting (e.g. to tell the user).
+
+        Raises:
+            OSError: a file could not be written (e.g. the disk is full); the previous index is kept.
         """
         directory = Path(directory)
+        info = _check_info(info)
         directory.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex[:12]
-        files = {role: template.format(token=token) for role, template in _FILE_TEMPLATES.items()}
-        faiss = self._faiss
-        atomic_write(directory / files["faiss"], lambda path: faiss.write_index(self._index, str(path)))
-        atomic_write(directory / files["vectors"], self._write_vectors)
-        atomic_write(directory / files["metadata"], self._write_metadata)
-        config = {"format_version": _FORMAT_VERSION, "size": len(self), "files": files, "config": self.get_config_dict()}
-        atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
-        for stale in directory.iterdir():
-            if _SAVED_FILE.match(stale.name) and stale.name not in files.values():
-                try:  # an index loaded from the old files keeps its memory map; POSIX allows the unlink
-                    stale.unlink()
-                except OSError:
-                    pass
+        with output_lock(directory, inside=True, wait=wait, on_wait=on_wait):
+            generation = directory / f"{_GENERATION_PREFIX}{uuid.uuid4().hex[:12]}"
+            generation.mkdir()
+            _step("generation-created")
+            try:
+                files = {}
+                for role, write in (("faiss", self._write_faiss), ("vectors", self._write_vectors),
+                                    ("metadata", self._write_metadata)):
+                    path = generation / _FILE_NAMES[role]
+                    _write_data_file(path, write)
+                    relative = f"{generation.name}/{path.name}"
+                    files[role] = {"path": relative, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                    _step(f"{role}-written")
+                fsync_directory(generation)
+                config = {
+                    "format_version": _FORMAT_VERSION, "size": len(self), "files": files,
+                    "config": self.get_config_dict(), "info": info,
+                }
+                text = json.dumps(config, indent=2) + "\n"
+                atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(text, encoding="utf-8"))
+            except BaseException:
+                shutil.rmtree(generation, ignore_errors=True)  # never committed: nothing refers to it
+                raise
+            _step("committed")
+            _remove_stale(directory, keep=generation.name)
+        self.info = info
         if len(self):
-            self._segments = [(np.load(directory / files["vectors"], mmap_mode="r"), True)]
+            self._segments = [(np.load(generation / _FILE_NAMES["vectors"], mmap_mode="r"), True)]
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "EmbeddingIndex":
+    def load(cls, directory: str | os.PathLike, *, verify: bool = True) -> "EmbeddingIndex":
         """Load an index written by `save()`; vectors are memory-mapped, the FAISS index is read into RAM.
+
+        With `verify` (the default) every file is checked against the SHA-256 that `index_config.json`
+        committed with it (one sequential read of each file), so a truncated, edited, reordered or
+        swapped file is refused rather than searched. If a writer commits a new generation while this
+        reads, the new one is read.
 
         Raises:
             FileNotFoundError: `directory` has no `index_config.json`.
-            ValueError: the files disagree with each other, or the format version is unknown.
+            CorruptFileError: a file is missing, unreadable, disagrees with its hash or with the other files.
+            InputError: the folder was written by a version whose format this one does not read.
         """
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}; is it a directory written by EmbeddingIndex.save()?")
-        saved = json.loads(config_path.read_text())
-        if saved.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(
-                f"{config_path} has format_version {saved.get('format_version')!r}; this version reads {_FORMAT_VERSION}."
+        for _ in range(_LOAD_ATTEMPTS):
+            raw = config_path.read_bytes()
+            saved = _parse_config(raw, config_path, verify)
+            try:
+                return cls._load_committed(directory, saved, verify)
+            except FileNotFoundError as error:
+                if config_path.read_bytes() != raw:
+                    continue  # a writer committed a new generation and removed this one: read the new one
+                raise CorruptFileError(
+                    f"{error.filename or directory}: missing, but {config_path} refers to it; the index folder was "
+                    "damaged (files deleted or moved): rebuild it."
+                ) from None
+        raise OSError(f"{directory}: the index changed {_LOAD_ATTEMPTS} times while being read; try again.")
+
+    @classmethod
+    def _load_committed(cls, directory: Path, saved: dict, verify: bool) -> "EmbeddingIndex":
+        config_path = directory / CONFIG_NAME
+        try:
+            index = cls(**saved["config"])
+        except (TypeError, ValueError) as error:
+            raise CorruptFileError(f"{config_path}: invalid index settings in \"config\" ({error}).") from None
+        size, files = saved["size"], saved["files"]
+        paths = {role: directory / entry["path"] for role, entry in files.items()}
+        if verify:
+            for role, path in paths.items():
+                _verify_file(path, files[role], config_path)
+
+        def inconsistent(what: str) -> CorruptFileError:
+            return CorruptFileError(f"{directory} is inconsistent: {what}, but {CONFIG_NAME} says {size} vectors.")
+
+        try:
+            index._index = index._faiss.read_index(str(paths["faiss"]))
+        except RuntimeError as error:
+            if not paths["faiss"].is_file():
+                raise FileNotFoundError(2, "No such file", str(paths["faiss"])) from None
+            raise CorruptFileError(f"{paths['faiss']}: not a readable FAISS index ({_first_line(error)}).") from None
+        expected = index._new_faiss_index()
+        if type(index._index) is not type(expected) or index._index.metric_type != expected.metric_type:
+            raise CorruptFileError(
+                f"{paths['faiss']} holds a {type(index._index).__name__}, but {CONFIG_NAME} says kind "
+                f"{index.kind!r} ({type(expected).__name__}); the files do not belong together: rebuild the index."
             )
-        index = cls(**saved["config"])
-        size, files = int(saved["size"]), saved["files"]
-
-        def inconsistent(what: str) -> ValueError:
-            return ValueError(f"{directory} is inconsistent: {what}, but {CONFIG_NAME} says {size} vectors.")
-
-        index._index = index._faiss.read_index(str(directory / files["faiss"]))
         if index._index.ntotal != size or index._index.d != index.dim:
-            raise inconsistent(f"{files['faiss']} holds {index._index.ntotal} vectors of dim {index._index.d}")
+            raise inconsistent(f"{paths['faiss'].name} holds {index._index.ntotal} vectors of dim {index._index.d}")
         # Search settings are re-applied from the config rather than trusted from the FAISS file.
         index.ef_search = index.ef_search
         index.nprobe = index.nprobe
         index.k_factor = index.k_factor
         if size:
-            vectors = np.load(directory / files["vectors"], mmap_mode="r")
+            try:
+                vectors = np.load(paths["vectors"], mmap_mode="r")
+            except ValueError as error:
+                raise CorruptFileError(f"{paths['vectors']}: not a readable .npy file ({error}).") from None
             if vectors.shape != (size, index.dim) or vectors.dtype != np.float16:
-                raise inconsistent(f"{files['vectors']} is {vectors.dtype} of shape {vectors.shape}")
+                raise inconsistent(f"{paths['vectors'].name} is {vectors.dtype} of shape {vectors.shape}")
             index._segments = [(vectors, True)]
-        with (directory / files["metadata"]).open(encoding="utf-8") as handle:
-            records = [json.loads(line) for line in handle]
-        if len(records) != size:
-            raise inconsistent(f"{files['metadata']} has {len(records)} lines")
-        index._ids = [record["id"] for record in records]
-        index._metadata = [record.get("metadata") for record in records]
+        index._ids, index._metadata = _read_metadata(paths["metadata"])
+        if len(index._ids) != size:
+            raise inconsistent(f"{paths['metadata'].name} has {len(index._ids)} lines")
         index._positions = {id_: position for position, id_ in enumerate(index._ids)}
         if len(index._positions) != size:
-            raise inconsistent(f"{files['metadata']} repeats ids")
+            repeated = next(id_ for id_, count in Counter(index._ids).items() if count > 1)
+            raise CorruptFileError(f"{paths['metadata']} repeats the id {repeated!r}; ids must be unique.")
+        index.info = saved.get("info") or {}
         return index
 
     # ------------------------------------------------------------------ internals
@@ -518,6 +598,9 @@ class EmbeddingIndex:
             for _, chunk in _chunks(array):
                 yield np.asarray(chunk) if prepared else self._prepare(chunk).astype(np.float16)
 
+    def _write_faiss(self, path: Path) -> None:
+        self._faiss.write_index(self._index, str(path))
+
     def _write_vectors(self, path: Path) -> None:
         if not len(self):  # older numpy cannot memory-map a zero-size array
             with path.open("wb") as handle:
@@ -535,6 +618,120 @@ class EmbeddingIndex:
         with path.open("w", encoding="utf-8") as handle:
             for id_, metadata in zip(self._ids, self._metadata):
                 handle.write(json.dumps({"id": id_, "metadata": metadata}, ensure_ascii=False) + "\n")
+
+
+def _step(name: str) -> None:
+    fileio._step(f"index:{name}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+def _check_info(info) -> dict:
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise ValueError(f"`info` must be a dict, got {type(info).__name__}.")
+    try:
+        json.dumps(info)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`info` is not JSON-serialisable ({error}); it is saved in {CONFIG_NAME}.") from error
+    return info
+
+
+def _write_data_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write one file of a generation and fsync it. FAISS reports a failed write (e.g. a full disk) as a
+    RuntimeError; it becomes the OSError it is."""
+    try:
+        write(path)
+    except RuntimeError as error:
+        raise OSError(f"could not write {path}: {_first_line(error)}") from error
+    honour_umask(path)
+    with path.open("rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _remove_stale(directory: Path, keep: str) -> None:
+    """Delete what no committed index refers to: older generations, format-1 data files, temp files."""
+    for entry in directory.iterdir():
+        if entry.name == keep:
+            continue
+        if entry.is_dir() and _GENERATION.match(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)  # an index loaded from it keeps its memory map (POSIX)
+        elif entry.is_file() and (_V1_DATA_FILE.match(entry.name) or is_partial_write(entry.name)):
+            entry.unlink(missing_ok=True)
+    _step("cleaned")
+
+
+def _parse_config(raw: bytes, config_path: Path, verify: bool) -> dict:
+    """index_config.json, checked for the shape `save()` gives it (a tampered file gets a clear error)."""
+    try:
+        saved = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptFileError(f"{config_path}: not valid UTF-8 JSON ({error}); the index folder is damaged.") from None
+    if not isinstance(saved, dict):
+        raise CorruptFileError(f"{config_path}: expected a JSON object, got {type(saved).__name__}.")
+    version = saved.get("format_version")
+    if version == 1:
+        if verify:
+            raise InputError(
+                f"{config_path}: format 1, written by an older llm2clip4cxr without content hashes. Load it once "
+                "with EmbeddingIndex.load(path, verify=False) and save() it again (or rebuild it) to upgrade."
+            )
+        files = saved.get("files")
+        if isinstance(files, dict):
+            saved = {**saved, "files": {role: {"path": name} for role, name in files.items()}}
+    elif version != _FORMAT_VERSION:
+        raise InputError(f"{config_path} has format_version {version!r}; this version reads {_FORMAT_VERSION}.")
+    missing = [key for key in ("size", "files", "config") if key not in saved]
+    if missing:
+        raise CorruptFileError(f"{config_path} lacks the key(s) {missing}; the index folder is damaged: rebuild it.")
+    if isinstance(saved["size"], bool) or not isinstance(saved["size"], int) or saved["size"] < 0:
+        raise CorruptFileError(f"{config_path}: \"size\" must be a non-negative integer, got {saved['size']!r}.")
+    if not isinstance(saved["config"], dict):
+        raise CorruptFileError(f"{config_path}: \"config\" must be an object, got {saved['config']!r}.")
+    if not isinstance(saved.get("info", {}) or {}, dict):
+        raise CorruptFileError(f"{config_path}: \"info\" must be an object, got {saved['info']!r}.")
+    files = saved["files"]
+    if not isinstance(files, dict) or sorted(files) != sorted(_FILE_NAMES):
+        raise CorruptFileError(f"{config_path}: \"files\" must name the {sorted(_FILE_NAMES)} files, got {files!r}.")
+    for role, entry in files.items():
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(path, str) or Path(path).is_absolute() or ".." in Path(path).parts:
+            raise CorruptFileError(f"{config_path}: the {role} file must be a path inside the index folder, got {entry!r}.")
+        if verify and not (isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+            raise CorruptFileError(f"{config_path}: the {role} file has no sha256/bytes to verify it against.")
+    return saved
+
+
+def _verify_file(path: Path, entry: dict, config_path: Path) -> None:
+    size = path.stat().st_size  # FileNotFoundError: the caller re-reads the config (a concurrent commit)
+    if size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        sizes = f"; {size} bytes, {entry['bytes']} when saved" if size != entry["bytes"] else ""
+        raise CorruptFileError(
+            f"{path} does not match the content hash {config_path.name} committed for it (it was truncated, edited "
+            f"or replaced after the index was saved{sizes}); rebuild the index."
+        )
+
+
+def _read_metadata(path: Path) -> tuple[list[str], list[dict | None]]:
+    ids, metadata = [], []
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise CorruptFileError(f"{path}, line {number}: not valid UTF-8 JSON ({error}).") from None
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                raise CorruptFileError(f"{path}, line {number}: expected an object with a string \"id\", got {raw[:80]!r}.")
+            entry = record.get("metadata")
+            if entry is not None and not isinstance(entry, dict):
+                raise CorruptFileError(f"{path}, line {number}: \"metadata\" must be an object or null.")
+            ids.append(record["id"])
+            metadata.append(entry)
+    return ids, metadata
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from .corpora import CorpusRead, read_corpus
 from .data import datasets_progress_bars_off
-from .fileio import atomic_write, remove_partial_writes
+from .errors import InputError
+from .fileio import atomic_write, output_lock, remove_partial_writes
 
 __all__ = ["PrepareOptions", "SECTION_REQUIREMENTS", "format_summary", "plan_rows", "prepare", "split_by_patient"]
 
@@ -336,7 +337,7 @@ def _shard_rows(rows: list[dict], results: list[tuple], options: PrepareOptions,
 
 
 def prepare(source, output, options: PrepareOptions | None = None, num_workers: int | None = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, wait: bool = True, on_wait=None) -> dict:
     """Read the corpus in `source`, filter and split it, check (and optionally resize) every image, and write
     the prepared dataset into `output`; resumes an interrupted run into the same folder.
 
@@ -346,6 +347,9 @@ def prepare(source, output, options: PrepareOptions | None = None, num_workers: 
         options: `PrepareOptions`.
         num_workers: image worker processes (default: all cores; 1 works in this process).
         progress: show a tqdm progress bar.
+        wait: if another process is preparing into `output` (it holds `output_lock(output)`), wait for it;
+            with False raise `OutputLockedError`.
+        on_wait: called with the lock file before waiting.
 
     Returns:
         The summary (also written to `output/summary.json`).
@@ -354,6 +358,17 @@ def prepare(source, output, options: PrepareOptions | None = None, num_workers: 
         FileNotFoundError / ValueError: the folder matches no layout or lacks an expected file or column; the
             output folder was prepared with other options or from other files.
     """
+    source_path, output_path = Path(source).resolve(), Path(output)
+    target = output_path.resolve()
+    if target == source_path or source_path in target.parents:
+        raise InputError(f"--output {output} is (or lies inside) the source folder {source}; writing it would change "
+                         "the source: choose an output folder outside it.")
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(output_path, wait=wait, on_wait=on_wait):
+        return _prepare(source, output, options, num_workers, progress)
+
+
+def _prepare(source, output, options: PrepareOptions | None, num_workers: int | None, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     options = options or PrepareOptions()

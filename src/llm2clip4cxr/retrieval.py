@@ -17,30 +17,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import check_model_folder, remote_code_guard
+
 __all__ = ["IMAGE_SUFFIXES", "find_images", "image_encoder", "load_clip_model", "rank", "report_encoder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
-def load_clip_model(path: str | os.PathLike):
+def load_clip_model(path: str | os.PathLike, trust_remote_code: bool = False):
     """(model, processor) of a saved LLM2CLIP4CXR checkpoint folder, in eval mode.
 
+    The folder is checked first (`check_model_folder`). No Python file of the folder runs unless
+    `trust_remote_code=True` (a checkpoint of this package never needs it: its classes are registered).
+
     Raises:
-        FileNotFoundError: `path` is not a directory.
+        FileNotFoundError: `path` is not a directory or has no config.json.
+        CorruptFileError: its weights are truncated, empty or a pickle.
+        UntrustedCodeError: loading it would run code it ships, and `trust_remote_code` is False.
         ValueError: the folder holds another kind of model.
     """
     from transformers import AutoConfig, AutoModel, AutoProcessor
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such directory (give a saved LLM2CLIP4CXR checkpoint).")
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "llm2clip4cxr":
-        raise ValueError(
-            f"{path} holds a {config.model_type!r} model; image-report retrieval needs an LLM2CLIP4CXR checkpoint "
-            "(model_type 'llm2clip4cxr'), e.g. one written by training/train_clip.py."
-        )
-    return AutoModel.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    path = check_model_folder(path, kind="LLM2CLIP4CXR checkpoint")
+    with remote_code_guard(path, trust_remote_code) as remote:
+        config = AutoConfig.from_pretrained(path, **remote)
+        if config.model_type != "llm2clip4cxr":
+            raise ValueError(
+                f"{path} holds a {config.model_type!r} model; image-report retrieval needs an LLM2CLIP4CXR checkpoint "
+                "(model_type 'llm2clip4cxr'), e.g. one written by training/train_clip.py."
+            )
+        return AutoModel.from_pretrained(path, **remote).eval(), AutoProcessor.from_pretrained(path, **remote)
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -63,17 +69,25 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def image_encoder(model, processor, batch_size: int = 16) -> Callable[[Sequence], np.ndarray]:
-    """A callable: image paths (or arrays / PIL images) -> `(n, projection_dim)` L2-normalised float32."""
+def image_encoder(model, processor, batch_size: int = 16, max_pixels: int | None = None) -> Callable[[Sequence], np.ndarray]:
+    """A callable: image paths (or arrays / PIL images) -> `(n, projection_dim)` L2-normalised float32.
+
+    Images are read and preprocessed one at a time (each is resized to the model's input as soon as it
+    is read), so memory holds one full-resolution image and a batch of small model inputs, not a batch of
+    full-resolution images. Files declaring more than `max_pixels` pixels (default
+    `llm2clip4cxr.imaging.MAX_IMAGE_PIXELS`) are refused with `ImageTooLargeError` before decoding.
+    """
     from .imaging import load_image
 
     @torch.inference_mode()
     def encode(images: Sequence) -> np.ndarray:
         outputs = []
         for start in range(0, len(images), batch_size):
-            batch = [load_image(image) if isinstance(image, (str, os.PathLike)) else image
-                     for image in images[start : start + batch_size]]
-            pixel_values = processor(images=batch)["pixel_values"].to(device=model.device, dtype=model.dtype)
+            pixel_values = torch.cat([
+                processor(images=[load_image(image, max_pixels=max_pixels)
+                                  if isinstance(image, (str, os.PathLike)) else image])["pixel_values"]
+                for image in images[start : start + batch_size]
+            ]).to(device=model.device, dtype=model.dtype)
             outputs.append(_normalized(model.get_image_features(pixel_values=pixel_values).pooler_output))
         return np.concatenate(outputs)
 

@@ -37,6 +37,8 @@ def register(commands) -> None:
                         help="reports only (for text-encoder training): one row per study, images not read")
     parser.add_argument("--shard-size", type=int, default=1000, help="rows per parquet shard (the unit of resuming)")
     parser.add_argument("--num-workers", type=int, default=None, help="image worker processes (default: all cores)")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="if another run is preparing into --output, fail at once instead of waiting for it")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(handler=_prepare)
 
@@ -55,6 +57,9 @@ def _prepare(args) -> int:
     )
     if args.num_workers is not None and args.num_workers < 1:
         raise ValueError(f"--num-workers must be at least 1, got {args.num_workers}.")
-    summary = prepare(args.source, args.output, options, num_workers=args.num_workers, progress=not args.json)
+    from ..cli import _waiting_message
+
+    summary = prepare(args.source, args.output, options, num_workers=args.num_workers, progress=not args.json,
+                      wait=not args.no_wait, on_wait=_waiting_message(args))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary, args.output))
     return EXIT_OK

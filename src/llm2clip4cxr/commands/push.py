@@ -4,9 +4,10 @@ import json
 
 DESCRIPTION = """\
 Upload a saved LLM2Vec4CXR / LLM2CLIP4CXR checkpoint (or a peft LoRA adapter folder) to the Hub.
-Before uploading, the folder must hold safetensors weights only (pickle files are refused) and load in
-fresh Python processes through its own remote code, through this package and, for text encoders, through
-sentence-transformers. README.md is rendered from the package's card template, with the evaluation
+Before uploading, the folder must hold safetensors weights only (pickle files are refused) and load in a
+fresh Python process through this package; with --trust-remote-code also through its own remote code and,
+for text encoders, through sentence-transformers (those checks run the folder's Python files, so they are
+not tried without it). README.md is rendered from the package's card template, with the evaluation
 results (--results, default the folder's results.json) as its model-index. Authentication: HF_TOKEN or
 `hf auth login` (the token is never printed). --dry-run lists the files and prints the card, offline."""
 
@@ -27,6 +28,8 @@ def register(commands) -> None:
     parser.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base and push the merged weights")
     parser.add_argument("--keep-card", action="store_true", help="push the folder's own README.md instead of rendering one")
     parser.add_argument("--no-verify", action="store_true", help="skip the fresh-process load checks (not recommended)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="also verify loading through the folder's own Python files (runs them)")
     parser.add_argument("--json", action="store_true", help="print the plan (files, checks, card, commit URL) as JSON")
     parser.set_defaults(handler=_push)
 
@@ -40,6 +43,7 @@ def _push(args) -> int:
         commit_message=args.commit_message, create_pr=args.create_pr, dry_run=args.dry_run,
         results=args.results, results_model=args.results_model, model_name=args.model_name,
         base_model=args.base_model, keep_card=args.keep_card, merge=args.merge, verify=not args.no_verify,
+        trust_remote_code=args.trust_remote_code,
     )
     if args.json:
         print(json.dumps({**plan.to_dict(), "dry_run": args.dry_run}, indent=2))

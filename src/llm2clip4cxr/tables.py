@@ -1,0 +1,196 @@
+"""Strict readers for the tables and text files users give: UTF-8 (with or without a BOM), CSV with a header
+row, JSON lines. Every problem is an `InputError` naming the file, the line and what to do, instead of a
+parser's traceback; rows stream one at a time (constant memory whatever the file size).
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .errors import InputError
+
+__all__ = ["bad_utf8_error", "csv_header", "iter_csv_rows", "iter_jsonl_rows", "read_text_lines"]
+
+_UTF8_HINT = "save it as UTF-8"
+
+
+def bad_utf8_error(path: Path) -> InputError:
+    """Locate the first byte that is not UTF-8 (a second pass, only on failure) and name it."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    number = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                decoder.decode(raw)
+            except UnicodeDecodeError as error:
+                return InputError(
+                    f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                    f"{_UTF8_HINT}."
+                )
+    return InputError(
+        f"{path}, line {max(number, 1)}: not UTF-8 text (the file ends inside a multi-byte character: truncated?); "
+        f"{_UTF8_HINT}."
+    )
+
+
+@contextlib.contextmanager
+def _text(path: Path) -> Iterator[io.TextIOBase]:
+    """`path` opened as UTF-8 text; a leading BOM is dropped, newlines are left to the csv module."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            yield handle
+    except UnicodeDecodeError:
+        raise bad_utf8_error(path) from None
+
+
+@contextlib.contextmanager
+def _large_fields() -> Iterator[None]:
+    # The csv module refuses cells over 128 KiB by default; a report can be longer than that.
+    previous = csv.field_size_limit()
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _records(path: Path, handle) -> Iterator[tuple[int, list[str]]]:
+    """(first line, cells) of each non-blank CSV record; strict quoting, so an unterminated quote cannot
+    silently swallow the rest of the file into one cell."""
+    reader = csv.reader(handle, strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            message = str(error)
+            if "unexpected end of data" in message:
+                message = "a quoted cell starting here is never closed (unterminated quote)"
+            elif "NUL" in message:
+                message = "contains a NUL byte (is it a binary file?)"
+            raise InputError(f"{path}, line {start}: {message}; fix the CSV quoting.") from None
+        if record:
+            yield start, record
+
+
+def csv_header(path: str | os.PathLike) -> list[str]:
+    """The column names of a CSV file's header row."""
+    path = Path(path)
+    with _large_fields(), _text(path) as handle:
+        for _, record in _records(path, handle):
+            return record
+    raise InputError(f"{path} is empty: expected a header row naming the columns, then one row per report.")
+
+
+def iter_csv_rows(path: str | os.PathLike, columns: Sequence[str]) -> Iterator[dict[str, str | None]]:
+    """`{column: cell}` for each data row of a CSV file with a header row; a cell missing from a short row
+    is None.
+
+    Raises:
+        InputError: not UTF-8, no header, a wanted column missing or named twice, a row with more cells than
+            the header, broken quoting, or a header but no rows.
+    """
+    path = Path(path)
+    with _large_fields(), _text(path) as handle:
+        records = _records(path, handle)
+        header = next(records, (0, None))[1]
+        if header is None:
+            raise InputError(f"{path} is empty: expected a header row naming the columns, then one row per report.")
+        missing = [name for name in columns if name not in header]
+        if missing:
+            raise InputError(f"{path} has no column(s) {missing}; its columns are {header}.")
+        twice = [name for name in columns if header.count(name) > 1]
+        if twice:
+            raise InputError(f"{path}: the header names the column(s) {twice} more than once; rename them.")
+        positions = {name: header.index(name) for name in columns}
+        rows = 0
+        for line, record in records:
+            if len(record) > len(header):
+                raise InputError(
+                    f"{path}, line {line}: {len(record)} cells, but the header has {len(header)}; quote cells that "
+                    "contain commas."
+                )
+            rows += 1
+            yield {name: record[i] if i < len(record) else None for name, i in positions.items()}
+        if not rows:
+            raise InputError(f"{path} has a header row but no data rows.")
+
+
+def _json_cell(value, path: Path, line: int, column: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bool, int, float)):
+        return json.dumps(value)
+    raise InputError(
+        f"{path}, line {line}: {column!r} holds a JSON {type(value).__name__}, expected text (a string or number)."
+    )
+
+
+def iter_jsonl_rows(path: str | os.PathLike, columns: Sequence[str]) -> Iterator[dict[str, str | None]]:
+    """`{column: value as text}` for each JSON object of a JSON-lines file (or of a `.json` file holding one
+    array of objects); a key missing from an object is None, numbers become their JSON text.
+
+    Raises:
+        InputError: not UTF-8, a line that is not a JSON object, a wanted column absent from the first
+            object, a nested value in a wanted column, or no objects at all.
+    """
+    path = Path(path)
+    with _text(path) as handle:
+        first = handle.read(1)
+        while first.isspace():
+            first = handle.read(1)
+        handle.seek(0)
+        if first == "[":  # a whole-file JSON array (a .json export), not JSON lines
+            try:
+                objects = json.load(handle)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}).") from None
+            numbered = enumerate(objects, 1)
+            where = "item"
+        else:
+            numbered = ((number, line) for number, line in enumerate(handle, 1) if line.strip())
+            where = "line"
+        rows = 0
+        for number, item in numbered:
+            if where == "line":
+                try:
+                    item = json.loads(item)
+                except json.JSONDecodeError as error:
+                    raise InputError(f"{path}, line {number}: not valid JSON ({error.msg}); expected one object per line.") from None
+            if not isinstance(item, dict):
+                raise InputError(f"{path}, {where} {number}: expected a JSON object, got {type(item).__name__}.")
+            if not rows:
+                missing = [name for name in columns if name not in item]
+                if missing:
+                    raise InputError(f"{path} has no column(s) {missing}; its first object has the keys {sorted(item)}.")
+            rows += 1
+            yield {name: _json_cell(item.get(name), path, number, name) for name in columns}
+        if not rows:
+            raise InputError(f"{path} holds no JSON objects.")
+
+
+def read_text_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a UTF-8 text file (BOM dropped), without line endings.
+
+    Lines end at \\n, \\r\\n or \\r only: unlike `str.splitlines`, not at the other Unicode separators
+    (U+2028, U+0085, ...), which a report pasted from elsewhere can contain.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    try:
+        with open(path, encoding="utf-8-sig", newline=None) as handle:  # newline=None: \r\n and \r read as \n
+            lines = handle.read().split("\n")
+    except UnicodeDecodeError:
+        raise bad_utf8_error(path) from None
+    return lines[:-1] if lines[-1] == "" else lines
