@@ -8,7 +8,7 @@ Steps, all on the Open-I reports in ../shared/data (research-only data, see its 
   3. build a small Llama-style backbone (hidden 256, 4 layers, ~4.4M parameters) with mean pooling;
   4. MNTP on the training reports (full fine-tuning: the backbone starts from random weights);
   5. supervised contrastive training (sentence-transformers trainer, in-batch negatives, no duplicate
-     texts in a batch) on three datasets: the findings<->impression pairs of each training study,
+     texts in a batch, the three datasets in turn) on: the findings<->impression pairs of each training study,
      rule-based variant triplets of the training reports (TRAIN families: abbreviations, shuffle,
      boilerplate removal; laterality, negation, severity, size, change-status and finding errors), and
      compositional synthetic triplets (`llm2clip4cxr.synthetic_reports`);
@@ -55,7 +55,7 @@ PACKAGE_TARGET = HERE.parent / "src" / "llm2clip4cxr" / "pretrained" / "text"
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/default-text")
-    parser.add_argument("--mntp-steps", type=int, default=1500)
+    parser.add_argument("--mntp-steps", type=int, default=1000)
     parser.add_argument("--contrastive-steps", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=128, help="contrastive rows per step")
     parser.add_argument("--variants-per-report", type=int, default=4)
@@ -98,7 +98,8 @@ def main(argv=None):
         "--stage", "contrastive", "--model_name_or_path", mntp, "--output_dir", str(output / "contrastive"),
         "--max_steps", str(args.contrastive_steps), "--per_device_train_batch_size", str(args.batch_size),
         "--learning_rate", "3e-4", "--warmup_steps", "60", "--weight_decay", "0.01",
-        "--batch_sampler", "no_duplicates", "--instruction", INSTRUCTION, "--instruction_name", INSTRUCTION_NAME,
+        "--batch_sampler", "no_duplicates", "--multi_dataset_batch_sampler", "round_robin",
+        "--instruction", INSTRUCTION, "--instruction_name", INSTRUCTION_NAME,
         "--variants_per_report", str(args.variants_per_report), "--synthetic_triplets", str(args.synthetic_triplets),
         *common,
     ])

@@ -145,17 +145,31 @@ DEVICES = {
                         side_phrases=("{side}-sided", "{side} chest wall")),
 }
 
+# Change over time. Each state is written as a modifier before the noun phrase ({np}) or as a predicate after it
+# ({NP}: the phrase capitalised at the start of the sentence); "persistent" (still there) and "resolved" (gone
+# since the prior study) are states of their own, opposite to each other.
 CHANGE_WORDS = {
-    "new": ("new {np}", "interval development of {np}", "newly seen {np}"),
-    "unchanged": ("unchanged {np}", "stable {np}", "{np}, unchanged from prior"),
-    "increased": ("increased {np}", "interval increase in {np}", "worsening {np}"),
-    "decreased": ("decreased {np}", "interval decrease in {np}", "improving {np}"),
+    "new": ("new {np}", "interval development of {np}", "newly seen {np}", "{NP} is new",
+            "{NP}, new since the prior study", "{NP} has developed since the prior examination"),
+    "unchanged": ("unchanged {np}", "stable {np}", "{np}, unchanged from prior", "{NP} is unchanged",
+                  "{NP} is stable", "no change in {np}", "{NP} is unchanged compared with the prior study"),
+    "increased": ("increased {np}", "interval increase in {np}", "worsening {np}", "{NP} has increased",
+                  "{NP} has worsened", "{NP} is larger than on the prior study", "{NP} has progressed",
+                  "progression of {np}"),
+    "decreased": ("decreased {np}", "interval decrease in {np}", "improving {np}", "{NP} has decreased",
+                  "{NP} has improved", "{NP} is smaller than on the prior study", "interval improvement of {np}",
+                  "{NP} is improving"),
+    "persistent": ("persistent {np}", "{NP} persists", "{NP} is again seen", "{NP} remains",
+                   "{NP} is still present"),
+    "resolved": ("interval resolution of {np}", "{NP} has resolved", "previously seen {np} has cleared",
+                 "{NP} is no longer seen", "resolved {np}", "{NP} has cleared since the prior study"),
 }
 DEVICE_CHANGE_WORDS = {
-    "new": ("interval placement of {np}", "newly placed {np}", "new {np}"),
-    "unchanged": ("unchanged {np}", "stable position of {np}", "{np} in unchanged position"),
+    "new": ("interval placement of {np}", "newly placed {np}", "new {np}", "{np} has been placed"),
+    "unchanged": ("unchanged {np}", "stable position of {np}", "{np} in unchanged position", "{np} is unchanged"),
 }
-OPPOSITE_CHANGE = {"new": "unchanged", "unchanged": "new", "increased": "decreased", "decreased": "increased"}
+OPPOSITE_CHANGE = {"new": "unchanged", "unchanged": "new", "increased": "decreased", "decreased": "increased",
+                   "persistent": "resolved", "resolved": "persistent"}
 
 
 @dataclass(frozen=True)
@@ -214,7 +228,7 @@ def _finding_phrase(statement: Statement, rng: random.Random) -> tuple[str, bool
     if statement.location is not None:
         wording = rng.choice(LOCATIONS[statement.location][1])
         if statement.location == "bibasilar":
-            location = f" at the {wording}" if rng.random() < 0.5 else ""
+            location = f" at {'' if wording.startswith('both') else 'the '}{wording}" if rng.random() < 0.5 else ""
             if not location:
                 modifiers.append("bibasilar")
         elif rng.random() < 0.5 and not wording.endswith("base"):
@@ -223,6 +237,11 @@ def _finding_phrase(statement: Statement, rng: random.Random) -> tuple[str, bool
             location = f" in the {wording}"
     return " ".join([*modifiers, noun]) + location, plural
 
+
+# Ways of stating that a finding is absent, beside each finding's own wordings.
+ABSENT_TEMPLATES = ("No {name}.", "There is no {name}.", "No evidence of {name}.", "No {name} is seen.",
+                    "{Name} is not seen.", "{Name} is not identified.", "Negative for {name}.",
+                    "No radiographic evidence of {name}.")
 
 # Uncountable findings take no article ("There is pulmonary edema").
 MASS_NOUNS = frozenset({"edema", "congestion", "atelectasis", "consolidation", "emphysema", "pneumonia", "change"})
@@ -245,14 +264,21 @@ def _present_sentence(noun_phrase: str, plural: bool, rng: random.Random) -> str
 def _realize_finding(statement: Statement, rng: random.Random) -> str:
     finding = FINDINGS[statement.name]
     if not statement.present:
-        return rng.choice(finding.absent)
+        if rng.random() < 0.5:
+            return rng.choice(finding.absent)
+        name = rng.choice(finding.names)
+        return rng.choice(ABSENT_TEMPLATES).format(name=name, Name=_capitalize(name))
     if statement.name == "cardiomegaly" and statement.change is None and rng.random() < 0.4:
         adverb = rng.choice(DEGREE_ADVERBS[statement.grade]) + " " if statement.grade else ""
         subject = rng.choice(("The heart is", "The cardiac silhouette is", "Heart size is"))
         return f"{subject} {adverb}enlarged."
     noun_phrase, plural = _finding_phrase(statement, rng)
     if statement.change is not None:
-        return _capitalize(rng.choice(CHANGE_WORDS[statement.change]).format(np=noun_phrase)) + "."
+        template = rng.choice(CHANGE_WORDS[statement.change])
+        if plural:  # "bilateral pleural effusions have increased"
+            template = template.replace("{NP} is ", "{NP} are ").replace("{NP} has ", "{NP} have ")
+            template = template.replace("{NP} persists", "{NP} persist").replace("{NP} remains", "{NP} remain")
+        return _capitalize(template.format(np=noun_phrase, NP=_capitalize(noun_phrase))) + "."
     return _present_sentence(noun_phrase, plural, rng)
 
 
@@ -266,6 +292,9 @@ def _realize_device(statement: Statement, rng: random.Random) -> str:
                            f"{_capitalize(name)} has been removed."))
     if statement.change is not None:
         subject = rng.choice(DEVICE_CHANGE_WORDS[statement.change]).format(np=name)
+        if subject.endswith((" placed", " is unchanged")):  # a predicate form is a sentence of its own
+            where = f" The tip is {rng.choice(TIP_POSITIONS[statement.tip])}." if statement.tip else ""
+            return _capitalize(subject) + "." + where
     else:
         subject = rng.choice((f"{name}", f"the {name}", f"{_article(name)} {name}"))
     if statement.tip is None:
@@ -273,9 +302,9 @@ def _realize_device(statement: Statement, rng: random.Random) -> str:
             return _capitalize(subject) + "."
         return _capitalize(rng.choice((f"{subject} in place.", f"{subject} is in place.", f"{subject} remains in place.")))
     where = rng.choice(TIP_POSITIONS[statement.tip])
-    return _capitalize(rng.choice((f"{subject} with tip {where}.", f"{subject}, tip {where}.",
-                                   f"{subject} terminates {where}." if subject.startswith(("the", "a"))
-                                   else f"{subject} with its tip {where}.")))
+    verbs = (f"{subject} terminates {where}.", f"{subject} ends {where}.", f"The tip of {subject} is {where}.") \
+        if subject.startswith(("the ", "a ", "an ")) else (f"{subject} with its tip {where}.",)
+    return _capitalize(rng.choice((f"{subject} with tip {where}.", f"{subject}, tip {where}.", *verbs)))
 
 
 def _realize_statement(statement: Statement, rng: random.Random) -> str:
@@ -321,8 +350,8 @@ def _random_finding(rng: random.Random, exclude=(), name: str | None = None) -> 
         grade = rng.choice((None, "mild", "moderate", "severe"))
     elif finding.scale == "measure":
         measure = float(rng.choice((4, 5, 6, 8, 9, 12, 15, 18, 22, 25)))
-    change = rng.choice((None, None, None, "new", "unchanged", "increased", "decreased"))
-    if change in ("increased", "decreased"):
+    change = rng.choice((None, None, None, "new", "unchanged", "increased", "decreased", "persistent", "resolved"))
+    if change in ("increased", "decreased", "resolved"):
         grade = None  # "increased small effusion" is not how reports are written
     return Statement("finding", name, True, side, location, grade, measure, change)
 
