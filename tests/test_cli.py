@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llm2clip4cxr import LLM2Vec4CXRModel
+
 from .conftest import INSTRUCTION
 
 REPORTS = ["No acute cardiopulmonary process.", "Small right pleural effusion.", "No pneumothorax."]
@@ -120,6 +122,20 @@ def test_index_build_then_search(make_encoder, tmp_path):
     hits = json.loads(search.stdout)["results"][0]["hits"]
     assert [hit["id"] for hit in hits][0] == "s4" and {hit["id"] for hit in hits} == {"s1", "s2", "s4"}
     assert hits[0]["metadata"] == {"text": "Heart size is enlarged.", "view": "PA"}
+    # --hybrid fuses the same dense ranking with the BM25 statistics saved in the index.
+    hybrid = run_cli("index", "search", str(tmp_path / "index"), "Heart size is enlarged.", "--top-k", "3", "--json",
+                     "--hybrid")
+    assert hybrid.returncode == 0, hybrid.stderr
+    from llm2clip4cxr.index import EmbeddingIndex
+
+    index = EmbeddingIndex.load(tmp_path / "index")
+    query = F.normalize(LLM2Vec4CXRModel.from_pretrained(path).encode(["Heart size is enlarged."]), dim=-1).numpy()
+    expected = index.search_hybrid(query, ["Heart size is enlarged."], k=3)[0]
+    assert [hit["id"] for hit in json.loads(hybrid.stdout)["results"][0]["hits"]] == [hit[0] for hit in expected]
+    similar = run_cli("similar", "Heart size is enlarged.", "--csv", str(csv_path), "--id-column", "uid", "--model",
+                      path, "--top-k", "3", "--json", "--hybrid", "--fusion", "normalized")
+    assert similar.returncode == 0, similar.stderr
+    assert json.loads(similar.stdout)["results"][0]["id"] == "s4"
     not_an_index = run_cli("index", "search", str(tmp_path), "query")
     assert not_an_index.returncode == 1 and "not an index folder" in not_an_index.stderr
 

@@ -1,5 +1,7 @@
 """Hybrid retrieval: BM25 statistics, fusion and the harness row."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,43 @@ def test_hybrid_is_a_scorer_that_fixes_what_each_side_misses():
     studies = [{"uid": row["uid"], "findings": row["findings"], "impression": row["impression"]} for row in ROWS]
     result = findings_to_impression_retrieval(HybridScorer(bag_of_words_encoder), studies)
     assert 0 <= result["recall@1"] <= 1 and result["num_queries"] == len(ROWS)
+
+
+def test_index_hybrid_search_saves_its_statistics_and_equals_a_full_fusion(tmp_path):
+    pytest.importorskip("faiss")
+    from llm2clip4cxr.errors import CorruptFileError, InputError
+    from llm2clip4cxr.index import EmbeddingIndex
+
+    texts = [f"{side} {size} pleural effusion, {extra}" for side in ("left", "right") for size in ("small", "large")
+             for extra in ("no pneumothorax", "heart normal", "stable", "new", "improved")]
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((len(texts), 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = EmbeddingIndex(dim=16)
+    index.add(vectors, ids=[f"r{i}" for i in range(len(texts))], metadata=[{"text": t} for t in texts])
+    with pytest.raises(InputError, match="no BM25 statistics"):
+        index.search_hybrid(vectors[:1], ["left effusion"], k=3)
+    index.set_lexical(texts)
+    with pytest.raises(InputError, match="add\\(\\) all vectors first"):
+        index.add(vectors[:1], ids=["late"])
+    queries, query_texts = vectors[[3, 7]], ["small left pleural effusion", "right large effusion improved"]
+    hybrid = index.search_hybrid(queries, query_texts, k=5, candidates=len(texts))
+    # With every row a candidate, the result is the fusion of the full dense and BM25 score matrices.
+    dense = queries @ index.get_vectors().astype(np.float32).T
+    full = fuse(dense, BM25Index().index(texts).scores(query_texts))
+    for row, hits in enumerate(hybrid):
+        expected = np.argsort(-full[row], kind="stable")[:5]
+        assert [hit[0] for hit in hits] == [f"r{i}" for i in expected]
+        np.testing.assert_allclose([hit[1] for hit in hits], full[row, expected], rtol=1e-6)
+        assert hits[0][2] == {"text": texts[expected[0]]}
+
+    index.save(tmp_path / "index")
+    loaded = EmbeddingIndex.load(tmp_path / "index")
+    assert loaded.search_hybrid(queries, query_texts, k=5, candidates=len(texts)) == hybrid
+    config = json.loads((tmp_path / "index" / "index_config.json").read_text())
+    lexical_files = [entry["path"] for role, entry in config["files"].items() if role.startswith("lexical:")]
+    assert lexical_files  # hashed like every other file of the generation
+    damaged = tmp_path / "index" / lexical_files[0]
+    damaged.write_bytes(damaged.read_bytes()[:-3])
+    with pytest.raises(CorruptFileError):
+        EmbeddingIndex.load(tmp_path / "index")

@@ -272,6 +272,11 @@ def _similar(args) -> int:
     model = _load_text_encoder(args.model, args.trust_remote_code)
     corpus = _embed(model, texts, args.instruction, args.batch_size)
     scores = corpus @ _embed(model, [args.query], args.instruction, args.batch_size)[0]
+    if args.hybrid:
+        from .hybrid import BM25Index, fuse
+
+        lexical = BM25Index().index(texts).scores([args.query])
+        scores = fuse(scores[None, :], lexical, args.fusion)[0]
     top = sorted(range(len(texts)), key=lambda i: (-scores[i], i))[: args.top_k]  # stable order on ties
     hits = [{"rank": rank, "id": ids[i], "score": float(scores[i]), "text": texts[i]} for rank, i in enumerate(top, 1)]
     lines = [f"{hit['rank']:>3}. {hit['score']:.3f}  [{hit['id']}] {hit['text']}" for hit in hits]
@@ -302,6 +307,7 @@ def _index_build(args) -> int:
             index = EmbeddingIndex(dim=embeddings.shape[1], kind=args.kind)
             metadata = dataset.select_columns(["text", *args.metadata_column]).to_list()
             index.add(embeddings, ids=list(dataset["id"]), metadata=metadata)
+            index.set_lexical(dataset["text"])  # BM25 statistics for `index search --hybrid`
             # The encoder is committed with the vectors (one generation), so a kill cannot pair them wrongly.
             encoder = {"model": str(Path(args.model).resolve()) if args.model else None, "instruction": instruction}
             index.save(output, info={"encoder": encoder})
@@ -333,7 +339,11 @@ def _index_search(args) -> int:
             f"{folder} was built with the model {saved['model']}, which no longer exists; pass --model with it."
         )
     model = _load_text_encoder(args.model or saved["model"], args.trust_remote_code)
-    results = index.search(_embed(model, queries, instruction, args.batch_size), k=args.top_k)
+    query_vectors = _embed(model, queries, instruction, args.batch_size)
+    if args.hybrid:
+        results = index.search_hybrid(query_vectors, queries, k=args.top_k, method=args.fusion)
+    else:
+        results = index.search(query_vectors, k=args.top_k)
     payload = {"results": [
         {"query": query, "hits": [{"id": id_, "score": float(score), "metadata": metadata} for id_, score, metadata in hits]}
         for query, hits in zip(queries, results)
@@ -479,6 +489,17 @@ _TRUST_HELP = ("let the model folder run Python code it ships (never needed for 
                "without it such a folder is refused)")
 
 
+def _add_hybrid_options(parser):
+    parser.add_argument(
+        "--hybrid", action="store_true",
+        help="fuse the dense ranking with BM25 (bm25s): scores become fusion scores (docs/retrieval.md)",
+    )
+    parser.add_argument(
+        "--fusion", choices=("rrf", "normalized"), default="rrf",
+        help="--hybrid fusion: reciprocal-rank (default, k=60, equal weights) or min-max normalised scores",
+    )
+
+
 def _add_trust_option(parser):
     parser.add_argument("--trust-remote-code", action="store_true", help=_TRUST_HELP)
 
@@ -553,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     similar.add_argument("query", help="the query report text")
     _add_csv_options(similar, required=True)
     similar.add_argument("--top-k", type=_positive_int, default=5)
+    _add_hybrid_options(similar)
     _add_model_options(similar)
     _add_trust_option(similar)
     similar.add_argument("--json", action="store_true", help="print JSON for machines")
@@ -581,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("index", help="the index folder")
     search.add_argument("queries", nargs="+", help="query report texts")
     search.add_argument("--top-k", type=_positive_int, default=5)
+    _add_hybrid_options(search)
     _add_model_options(search, "instruction for the queries (default: the one the index was built with)")
     _add_trust_option(search)
     search.add_argument("--json", action="store_true", help="print JSON for machines")
@@ -633,13 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output-dir", required=True, help="folder for results.json, results.md, recall.png")
     _add_model_options(evaluate)
     evaluate.add_argument("--no-model", action="store_true", help="evaluate only the baselines / --st-model models")
-    evaluate.add_argument(
-        "--hybrid", action="store_true", help="also evaluate the model fused with BM25 (a row of its own)"
-    )
-    evaluate.add_argument(
-        "--fusion", choices=("rrf", "normalized"), default="rrf",
-        help="how --hybrid fuses the two rankings: reciprocal-rank (default) or min-max normalised scores",
-    )
+    _add_hybrid_options(evaluate)  # --hybrid adds the model fused with BM25 as a row of its own
     evaluate.add_argument("--baseline", nargs="*", choices=("tfidf", "bm25", "minilm"), default=[], help="baselines to add")
     evaluate.add_argument("--st-model", action="append", default=[], help="a sentence-transformers model folder (repeatable)")
     evaluate.add_argument(

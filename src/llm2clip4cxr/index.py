@@ -57,6 +57,9 @@ _FORMAT_VERSION = 2
 _GENERATION_PREFIX = "generation-"
 _GENERATION = re.compile(r"^generation-[0-9a-f]{12}$")
 _FILE_NAMES = {"faiss": "index.faiss", "vectors": "vectors.npy", "metadata": "metadata.jsonl"}
+# Optional BM25 statistics (hybrid search): files of one subfolder of the generation, each its own role.
+_LEXICAL_DIR = "lexical"
+_LEXICAL_ROLE = "lexical:"
 # Format 1 kept its data files beside index_config.json; the first format-2 save removes them.
 _V1_DATA_FILE = re.compile(r"^(index\.[0-9a-f]{12}\.faiss|vectors\.[0-9a-f]{12}\.npy|metadata\.[0-9a-f]{12}\.jsonl)$")
 _LOAD_ATTEMPTS = 5
@@ -153,6 +156,8 @@ class EmbeddingIndex:
         self._segments: list[tuple[np.ndarray, bool]] = []
         # What `save(info=...)` committed with the index (e.g. the encoder of its vectors).
         self.info: dict = {}
+        # BM25 statistics of the indexed texts, in row order (`set_lexical`): saved in the same generation.
+        self.lexical = None
 
     # ------------------------------------------------------------------ properties
 
@@ -231,6 +236,9 @@ class EmbeddingIndex:
                 vectors.
             TypeError: an id that is not a string.
         """
+        if self.lexical is not None:
+            raise InputError("This index has BM25 statistics of its current texts; add() all vectors first, then "
+                             "call set_lexical() with every text.")
         vectors = self._check_matrix(vectors, "vectors")
         ids = list(ids)
         if len(ids) != len(vectors):
@@ -313,6 +321,57 @@ class EmbeddingIndex:
             )
         return results
 
+    def set_lexical(self, texts: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
+        """Keep BM25 statistics (bm25s) of `texts`, one per indexed vector in the same order, for
+        `search_hybrid`; `save()` commits them with the vectors."""
+        from .hybrid import BM25Index
+
+        texts = list(texts)
+        if len(texts) != len(self):
+            raise ValueError(f"set_lexical() needs one text per indexed vector: got {len(texts)} for {len(self)}.")
+        self.lexical = BM25Index(k1, b).index(texts)
+
+    def search_hybrid(
+        self,
+        queries,
+        query_texts: Sequence[str],
+        k: int,
+        method: str = "rrf",
+        weights: tuple[float, float] | None = None,
+        candidates: int | None = None,
+    ) -> list[list[tuple[str, float, dict]]]:
+        """Top-k hits per query fusing dense similarity with BM25 (`hybrid.fuse`), as `(id, fused score,
+        metadata)` tuples, best first.
+
+        Each query's candidates are the union of its `candidates` best by vector (default max(10 k, 100)) and
+        its `candidates` best by BM25; both scores are computed exactly for every candidate (the vectors
+        are stored), and the fusion ranks within that union. Needs `set_lexical()` (or a loaded index that
+        was saved with it).
+        """
+        from .hybrid import DEFAULT_WEIGHTS, fuse
+
+        if self.lexical is None:
+            raise InputError("This index has no BM25 statistics; build it with lexical statistics (index build "
+                             "saves them) or call set_lexical(texts) first.")
+        _check_positive_int("k", k)
+        queries = self._check_matrix(queries, "queries")
+        query_texts = list(query_texts)
+        if len(query_texts) != len(queries):
+            raise ValueError(f"{len(queries)} query vectors but {len(query_texts)} query texts.")
+        candidates = min(len(self), candidates or max(10 * k, 100))
+        _, dense_positions = self.search_raw(queries, candidates)
+        lexical_scores = self.lexical.scores(query_texts)
+        prepared = self._prepare(queries, "queries")
+        results = []
+        for row, query in enumerate(prepared):
+            lexical_top = np.argpartition(-lexical_scores[row], candidates - 1)[:candidates]
+            union = np.union1d(dense_positions[row][dense_positions[row] >= 0], lexical_top)
+            dense = self.get_vectors(positions=union).astype(np.float32) @ query
+            fused = fuse(dense[None, :], lexical_scores[row, union][None, :], method, weights or DEFAULT_WEIGHTS)[0]
+            best = np.argsort(-fused, kind="stable")[:k]
+            results.append([(self._ids[union[i]], float(fused[i]), dict(self._metadata[union[i]] or {})) for i in best])
+        return results
+
     def get_vectors(self, ids: Sequence[str] | None = None, positions=None) -> np.ndarray:
         """Stored float16 vectors (normalised if `normalize`), by id or position, or all of them.
 
@@ -391,6 +450,15 @@ class EmbeddingIndex:
                     relative = f"{generation.name}/{path.name}"
                     files[role] = {"path": relative, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
                     _step(f"{role}-written")
+                if self.lexical is not None:
+                    lexical_dir = generation / _LEXICAL_DIR
+                    self.lexical.save(lexical_dir)
+                    for path in sorted(lexical_dir.iterdir()):
+                        relative = f"{generation.name}/{_LEXICAL_DIR}/{path.name}"
+                        files[f"{_LEXICAL_ROLE}{path.name}"] = {
+                            "path": relative, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                    fsync_directory(lexical_dir)
+                    _step("lexical-written")
                 fsync_directory(generation)
                 config = {
                     "format_version": _FORMAT_VERSION, "size": len(self), "files": files,
@@ -489,6 +557,16 @@ class EmbeddingIndex:
             repeated = next(id_ for id_, count in Counter(index._ids).items() if count > 1)
             raise CorruptFileError(f"{paths['metadata']} repeats the id {repeated!r}; ids must be unique.")
         index.info = saved.get("info") or {}
+        lexical = [role for role in files if role.startswith(_LEXICAL_ROLE)]
+        if lexical:
+            from .hybrid import BM25Index
+
+            try:
+                index.lexical = BM25Index.load(paths[lexical[0]].parent)
+            except ValueError as error:
+                raise CorruptFileError(str(error)) from None
+            if index.lexical.size != size:
+                raise inconsistent(f"its BM25 statistics cover {index.lexical.size} texts")
         return index
 
     # ------------------------------------------------------------------ internals
@@ -695,7 +773,8 @@ def _parse_config(raw: bytes, config_path: Path, verify: bool) -> dict:
     if not isinstance(saved.get("info", {}) or {}, dict):
         raise CorruptFileError(f"{config_path}: \"info\" must be an object, got {saved['info']!r}.")
     files = saved["files"]
-    if not isinstance(files, dict) or sorted(files) != sorted(_FILE_NAMES):
+    required = sorted(role for role in files if not role.startswith(_LEXICAL_ROLE)) if isinstance(files, dict) else None
+    if not isinstance(files, dict) or required != sorted(_FILE_NAMES):
         raise CorruptFileError(f"{config_path}: \"files\" must name the {sorted(_FILE_NAMES)} files, got {files!r}.")
     for role, entry in files.items():
         path = entry.get("path") if isinstance(entry, dict) else None
