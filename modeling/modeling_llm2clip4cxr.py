@@ -8,6 +8,7 @@ causal), the vision tower any `AutoModel` of `SUPPORTED_VISION_MODEL_TYPES`.
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,16 @@ from .modeling_eva02 import EVA02VisionModel
 from .modeling_llm2vec4cxr import LLM2Vec4CXRModel, from_pretrained_strict
 
 logger = logging.get_logger(__name__)
+
+# transformers' custom-pipeline registration: `pipeline(ZERO_SHOT_TASK, model=checkpoint, trust_remote_code=True)`
+# loads this class from the checkpoint's own pipeline_llm2clip4cxr.py, written beside this file on save.
+ZERO_SHOT_TASK = "zero-shot-image-classification"
+ZERO_SHOT_PIPELINE = {
+    "impl": "pipeline_llm2clip4cxr.LLM2CLIP4CXRZeroShotImageClassificationPipeline",
+    "pt": ["AutoModelForZeroShotImageClassification"],
+    "type": "multimodal",
+}
+_PIPELINE_FILE = "pipeline_llm2clip4cxr.py"
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -251,6 +262,23 @@ class LLM2CLIP4CXRModel(LLM2CLIP4CXRPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights, config and remote code, with the zero-shot pipeline registered in the config
+        (`custom_pipelines`) and its code beside the model code."""
+        import shutil
+
+        self.config.custom_pipelines = {ZERO_SHOT_TASK: dict(ZERO_SHOT_PIPELINE)}
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModelForZeroShotImageClassification"] = f"{Path(__file__).stem}.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            source = Path(__file__).with_name(_PIPELINE_FILE)
+            if source.is_file():
+                shutil.copyfile(source, Path(save_directory) / _PIPELINE_FILE)
+            else:  # loaded as remote code without its pipeline file: keep the checkpoint loadable anyway
+                logger.warning(f"{source} is missing: the saved checkpoint has no zero-shot pipeline code.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

@@ -333,3 +333,27 @@ def test_zero_shot_pipeline_runs_but_pools_every_token(make_model, processor):
     expected = dict(zip(LABELS, logits.softmax(dim=-1).tolist()))
     for entry in result:
         assert math.isclose(entry["score"], expected[entry["label"]], rel_tol=1e-5)
+
+
+def test_zero_shot_pipeline_from_a_saved_checkpoint_equals_zero_shot_classify(make_model, processor, tmp_path):
+    from transformers import pipeline
+
+    model = make_model()
+    processor.default_instruction = INSTRUCTION  # the instruction the model "was trained with"
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["custom_pipelines"]["zero-shot-image-classification"]["impl"].startswith("pipeline_llm2clip4cxr.")
+    assert (tmp_path / "pipeline_llm2clip4cxr.py").is_file()
+
+    classify = pipeline("zero-shot-image-classification", model=str(tmp_path), trust_remote_code=True)
+    assert type(classify).__name__ == "LLM2CLIP4CXRZeroShotImageClassificationPipeline"
+    image = images(1)[0].numpy()
+    ranked = classify(image, candidate_labels=LABELS)
+    expected = zero_shot_classify(model, processor, [image], LABELS, ("{}",), instruction=INSTRUCTION)[0]
+    assert [entry["label"] for entry in ranked] == [LABELS[i] for i in expected.argsort(descending=True)]
+    scores = {entry["label"]: entry["score"] for entry in ranked}
+    torch.testing.assert_close(torch.tensor([scores[label] for label in LABELS]), expected, rtol=1e-4, atol=1e-5)
+    # Without the instruction the prompts are tokenized differently, and so scored differently.
+    unprompted = classify(image, candidate_labels=LABELS, instruction="")
+    assert [entry["score"] for entry in unprompted] != [entry["score"] for entry in ranked]

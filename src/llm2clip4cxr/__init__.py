@@ -5,7 +5,13 @@ Importing the package registers the model classes with transformers' Auto classe
 checkpoints load with `AutoModel.from_pretrained(path)` without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
 
 from .defaults import default_model_path, load_default_text_encoder
 
@@ -26,6 +32,7 @@ AutoConfig.register(LLM2Vec4CXRConfig.model_type, LLM2Vec4CXRConfig, exist_ok=Tr
 AutoModel.register(LLM2Vec4CXRConfig, LLM2Vec4CXRModel, exist_ok=True)
 AutoConfig.register(LLM2CLIP4CXRConfig.model_type, LLM2CLIP4CXRConfig, exist_ok=True)
 AutoModel.register(LLM2CLIP4CXRConfig, LLM2CLIP4CXRModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(LLM2CLIP4CXRConfig, LLM2CLIP4CXRModel, exist_ok=True)
 # One plain-torch implementation serves whichever backend AutoImageProcessor asks for (it needs neither
 # torchvision nor Pillow), so no "backend not available" fallback warning is logged.
 AutoImageProcessor.register(

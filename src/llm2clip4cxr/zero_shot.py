@@ -3,23 +3,11 @@
 `zero_shot_classify` is the faithful path: prompts go through the processor like any report (the
 instruction is attended to and pooled out, and `embed_mask` leaves the leading special tokens out).
 
-transformers' `pipeline("zero-shot-image-classification")` also runs on an LLM2CLIP4CXR model, but
-only as `pipeline(..., model=model, tokenizer=processor.tokenizer,
-image_processor=processor.image_processor)`, and it is not equivalent:
-
-- `processor=processor` alone fails in transformers 5.x: `pipeline()` resolves the tokenizer from the
-  model's name before it looks at the processor, and a model object has no name ("Impossible to guess
-  which tokenizer to use").
-- The pipeline calls the bare tokenizer, not the processor: no instruction can be given (one written into
-  `hypothesis_template` would be pooled as report text), and without an `embed_mask` the text tower pools
-  every token, the tokenizer's leading `<s>` included.
-- It reads images with `transformers.image_utils.load_image`, i.e. as 8-bit RGB: DICOM files cannot be
-  read and 16-bit PNGs are clipped; `llm2clip4cxr.imaging.load_image` handles both.
-- It logs "The model 'LLM2CLIP4CXRModel' is not supported for zero-shot-image-classification": its check
-  only knows transformers' own models. The scores are still computed.
-
-Making the pipeline itself faithful would need a custom pipeline class (`pipeline_class=`), not a change
-to the model or the processor.
+A saved LLM2CLIP4CXR checkpoint also answers `pipeline("zero-shot-image-classification", model=DIR,
+trust_remote_code=True)`: its config registers the custom pipeline class shipped beside its model code
+(`modeling/pipeline_llm2clip4cxr.py`), which prompts through the processor (with its `default_instruction`)
+and gives the same scores as this function with one template (tested). Use this function for prompt
+ensembling over several templates and for DICOM/16-bit paths, which it reads with `imaging.load_image`.
 """
 
 from collections.abc import Sequence
