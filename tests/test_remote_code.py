@@ -18,7 +18,7 @@ from llm2clip4cxr import LLM2Vec4CXRModel
 from .conftest import INSTRUCTION
 
 MODELING_DIR = Path(llm2clip4cxr.modeling.__file__).parent
-ALLOWED_IMPORTS = {"torch", "transformers", "json", "os", "math", "warnings", "collections", "dataclasses", "typing", "concurrent"}  # stdlib, torch, transformers
+ALLOWED_IMPORTS = {"torch", "transformers", "json", "os", "math", "warnings", "collections", "dataclasses", "typing", "concurrent", "pathlib", "shutil"}  # stdlib, torch, transformers
 
 # Start of every fresh-process script: importing llm2clip4cxr fails, so the checkpoint's own code must do.
 REFUSE_PACKAGE = r"""
