@@ -91,6 +91,29 @@ FINDINGS = {
     "emphysema": Finding(("emphysema", "emphysematous change"), ("No emphysema.",), scale="degree"),
     "fracture": Finding(("rib fracture",), ("No rib fracture.", "No acute rib fracture.",
                         "No displaced rib fracture."), plural="rib fractures", sided=True),
+    # Further findings of chest reports, so that negation, side, size and change are learned across many nouns.
+    "mass": Finding(("mass", "pulmonary mass"), ("No pulmonary mass.", "No mass is seen."), located=True,
+                    scale="measure"),
+    "infiltrate": Finding(("infiltrate", "airspace disease"), ("No infiltrate.", "No airspace disease.",
+                          "No focal infiltrate."), located=True),
+    "interstitial": Finding(("interstitial opacities", "interstitial markings"), ("No interstitial abnormality.",
+                            "Interstitial markings are normal."), scale="degree"),
+    "thickening": Finding(("pleural thickening",), ("No pleural thickening.",), plural="pleural thickening",
+                          sided=True, scale="degree"),
+    "hilar": Finding(("hilar lymphadenopathy", "hilar adenopathy"), ("No hilar lymphadenopathy.",
+                     "The hila are normal."), plural="hilar lymphadenopathy", sided=True),
+    "hemidiaphragm": Finding(("elevation of the hemidiaphragm", "elevated hemidiaphragm"),
+                             ("The hemidiaphragms are normal in position.", "No elevation of the hemidiaphragms."),
+                             sided=True, scale="degree"),
+    "mediastinum_wide": Finding(("widening of the mediastinum", "mediastinal widening"),
+                                ("The mediastinum is not widened.", "No mediastinal widening."), scale="degree"),
+    "hyperinflation": Finding(("hyperinflation", "hyperexpansion of the lungs"), ("No hyperinflation.",
+                              "The lungs are not hyperinflated."), scale="degree"),
+    "scarring": Finding(("scarring", "fibrotic change"), ("No scarring.",), located=True, scale="degree"),
+    "granuloma": Finding(("calcified granuloma", "granuloma"), ("No calcified granulomas.",), located=True),
+    "blunting": Finding(("blunting of the costophrenic angle", "costophrenic angle blunting"),
+                        ("The costophrenic angles are sharp.", "No blunting of the costophrenic angles."),
+                        plural="blunting of the costophrenic angles", sided=True),
 }
 
 # Normal boilerplate that is always "absent" (a clinical state that is simply normal), with its wordings.
@@ -244,7 +267,10 @@ ABSENT_TEMPLATES = ("No {name}.", "There is no {name}.", "No evidence of {name}.
                     "No radiographic evidence of {name}.")
 
 # Uncountable findings take no article ("There is pulmonary edema").
-MASS_NOUNS = frozenset({"edema", "congestion", "atelectasis", "consolidation", "emphysema", "pneumonia", "change"})
+MASS_NOUNS = frozenset({"edema", "congestion", "atelectasis", "consolidation", "emphysema", "pneumonia", "change",
+                        "disease", "lymphadenopathy", "adenopathy", "thickening", "scarring", "hyperinflation",
+                        "widening", "blunting", "markings", "opacities", "lungs", "hemidiaphragm", "mediastinum",
+                        "angle", "angles"})
 
 
 def _present_sentence(noun_phrase: str, plural: bool, rng: random.Random) -> str:
@@ -377,7 +403,8 @@ def sample_state(rng: random.Random) -> list[Statement]:
         state.append(statement)
     if rng.random() < 0.45:
         state.append(_random_device(rng))
-    for name in rng.sample(["effusion", "pneumothorax", "consolidation", "edema", "cardiomegaly"], rng.randint(1, 3)):
+    commonly_absent = ["effusion", "pneumothorax", "consolidation", "edema", "cardiomegaly", "infiltrate", "mass", "hilar"]
+    for name in rng.sample(commonly_absent, rng.randint(1, 3)):
         if name not in used:
             used.add(name)
             state.append(Statement("finding", name, present=False))
