@@ -15,6 +15,8 @@ from transformers import BertConfig, BertTokenizerFast
 
 from llm2clip4cxr.baselines import BiomedCLIPDualEncoder, load_dual_encoder
 
+from .shared_data import OPENI_REPORTS, needs_openi
+
 EMBED_DIM, VIT_WIDTH, VIT_HEADS, VIT_DEPTH, PATCH, IMAGE = 16, 32, 4, 2, 8, 32
 BERT_LAYERS, CONTEXT = 2, 12
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -241,9 +243,10 @@ def test_biomedclip_refuses_unsupported_vision_towers(tmp_path, report_texts):
         BiomedCLIPDualEncoder.from_open_clip(tmp_path)
 
 
+@needs_openi
 def test_eval_cli_scores_a_clip_baseline_like_the_harness(tmp_path, report_texts):
     from llm2clip4cxr.cli import main
-    from llm2clip4cxr.data import read_reports_csv, shared_data_dir
+    from llm2clip4cxr.data import read_reports_csv
     from llm2clip4cxr.evaluation import harness
 
     folder = tmp_path / "biomedclip"
@@ -253,7 +256,7 @@ def test_eval_cli_scores_a_clip_baseline_like_the_harness(tmp_path, report_texts
     code = main(["eval", "--no-model", "--clip-baseline", str(folder), "--limit", "20", "--tasks", "findings_to_impression",
                  "--output-dir", str(out), "--json"])
     assert code == 0
-    rows = read_reports_csv(shared_data_dir() / "openi" / "reports.csv")[:20]
+    rows = read_reports_csv(OPENI_REPORTS)[:20]
     expected = harness.run_evaluation({"biomedclip": BiomedCLIPDualEncoder.from_open_clip(folder).encode_texts}, rows,
                                       tasks=["findings_to_impression"])
     assert json.loads((out / "results.json").read_text())["models"] == expected["models"]

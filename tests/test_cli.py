@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from llm2clip4cxr import LLM2Vec4CXRModel
 
 from .conftest import INSTRUCTION
+from .shared_data import needs_openi
 
 REPORTS = ["No acute cardiopulmonary process.", "Small right pleural effusion.", "No pneumothorax."]
 
@@ -140,6 +141,7 @@ def test_index_build_then_search(make_encoder, tmp_path):
     assert not_an_index.returncode == 1 and "not an index folder" in not_an_index.stderr
 
 
+@needs_openi
 def test_eval_on_openi_writes_results(tmp_path):
     result = run_cli("eval", "--limit", "40", "--baseline", "tfidf", "--output-dir", str(tmp_path / "eval"), "--json")
     assert result.returncode == 0, result.stderr

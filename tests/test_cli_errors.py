@@ -17,13 +17,13 @@ import pytest
 import llm2clip4cxr.cli as cli
 from llm2clip4cxr import fileio
 from llm2clip4cxr.cli import main
-from llm2clip4cxr.data import shared_data_dir
 
 from .conftest import INSTRUCTION
+from .shared_data import XRV, needs_samples
 from .test_cli import REPORTS, saved_model, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_IMAGE = shared_data_dir() / "cxr-samples" / "torchxrayvision" / "00000001_000.png"
+SAMPLE_IMAGE = XRV / "00000001_000.png"
 
 
 def run(capsys, *args):
@@ -213,6 +213,7 @@ def untrusted_folder(tmp_path: Path) -> tuple[Path, Path]:
     return folder, marker
 
 
+@needs_samples
 def test_retrieve_runs_no_code_from_an_untrusted_folder_and_never_prompts(tmp_path, capsys):
     folder, marker = untrusted_folder(tmp_path)
     code, out, err = run(capsys, "retrieve", "report-to-image", "Clear lungs.", "--images", SAMPLE_IMAGE,
@@ -225,8 +226,9 @@ def test_retrieve_runs_no_code_from_an_untrusted_folder_and_never_prompts(tmp_pa
 
 def test_eval_clip_baseline_runs_no_code_from_an_untrusted_folder(tmp_path, capsys):
     folder, marker = untrusted_folder(tmp_path)
+    (tmp_path / "reports.csv").write_text("uid,findings,impression\n1,The lungs are clear.,No acute disease.\n")
     code, _, err = run(capsys, "eval", "--no-model", "--clip-baseline", folder, "--limit", "5",
-                       "--output-dir", tmp_path / "eval")
+                       "--csv", tmp_path / "reports.csv", "--output-dir", tmp_path / "eval")
     assert code == 1 and not marker.exists()
     assert "needs Python code it ships (configuration_stranger.py)" in one_error_line(err, "eval")
 

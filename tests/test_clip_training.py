@@ -24,9 +24,11 @@ from llm2clip4cxr.clip_training import (
 )
 from llm2clip4cxr.report_variants import split_sentences
 
+from .shared_data import XRV as SAMPLES
+from .shared_data import needs_samples
+
 REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO.parent / "shared" / "data" / "cxr-samples" / "torchxrayvision"
-SAMPLE_PNGS = sorted(SAMPLES.rglob("*.png"))
+SAMPLE_PNGS = sorted(SAMPLES.rglob("*.png")) if SAMPLES.is_dir() else []
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 FINDINGS = [
     "Heart size is normal. Lungs are clear. No pleural effusion.",
@@ -176,7 +178,7 @@ def test_build_caption_is_deterministic_and_shuffles_sentences():
         build_caption(findings, impression, shuffle_p=1.5)
 
 
-@pytest.mark.skipif(len(SAMPLE_PNGS) < 5, reason="needs the 5 PNG samples in ../shared/data/cxr-samples")
+@pytest.mark.skipif(len(SAMPLE_PNGS) < 5, reason=needs_samples.kwargs["reason"])
 @pytest.mark.parametrize(
     "text_mode",
     [["--freeze_text", "true", "--cache_text_embeddings", "true"], ["--lora_text", "true", "--instruction", "Find it"]],
@@ -222,7 +224,7 @@ def test_recipe_smoke_run_on_a_fabricated_tiny_dataset(make_encoder, tmp_path, t
 
 
 def test_collator_emits_cached_rows_instead_of_tokens(processor):
-    image = str(SAMPLE_PNGS[0]) if SAMPLE_PNGS else pytest.skip("needs the PNG samples")
+    image = str(SAMPLE_PNGS[0]) if SAMPLE_PNGS else pytest.skip(needs_samples.kwargs["reason"])
     rows = [{"image": image, "findings": FINDINGS[i], "impression": IMPRESSIONS[i], "index": i, "label": i} for i in (2, 0)]
     table = torch.arange(12.0).reshape(4, 3)
     batch = ClipCollator(processor, text_embeddings=table)(rows)

@@ -9,8 +9,10 @@ import torch
 from llm2clip4cxr.report_variants import build_section_pairs
 from llm2clip4cxr.text_training import contrastive_loss, sentence_transformer_for
 
+from .shared_data import OPENI_REPORTS as REPORTS_CSV
+from .shared_data import needs_openi
+
 REPO = Path(__file__).resolve().parents[1]
-REPORTS_CSV = REPO.parent / "shared" / "data" / "openi" / "reports.csv"
 # GradCache recomputes each mini-batch in a second forward pass: float32 sums in another order.
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -74,7 +76,7 @@ def test_section_pairs_are_findings_and_impression_of_one_study_once():
     ]
 
 
-@pytest.mark.skipif(not REPORTS_CSV.exists(), reason="needs ../shared/data/openi/reports.csv")
+@needs_openi
 def test_recipe_with_mini_batches_ends_with_the_weights_of_the_plain_run(saved_tiny_encoder, tmp_path):
     sys.path.insert(0, str(REPO / "training"))
     try:

@@ -11,15 +11,14 @@ import pytest
 
 from llm2clip4cxr.corpora import CHEXPERT_LABELS, detect_layout, read_corpus
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SAMPLES = SHARED / "cxr-samples"
-OPENI = SHARED / "openi"
+from .shared_data import OPENI, SAMPLES, needs_openi, needs_samples
+
 # Real files: 512x512 PNGs, a non-square RGB JPEG (1036x885), an 8-bit JPEG-baseline DICOM (MONOCHROME1).
 PNG = SAMPLES / "torchxrayvision" / "00000001_000.png"
 PNG2 = SAMPLES / "torchxrayvision" / "00027426_000.png"
 JPEG = SAMPLES / "torchxrayvision" / "16747_3_1.jpg"
 DICOM = SAMPLES / "torchxrayvision" / "Fake_MONOHR1.dcm"
-pytestmark = pytest.mark.skipif(not PNG.is_file(), reason="needs ../shared/data/cxr-samples")
+pytestmark = needs_samples
 
 # subject -> studies -> (report or None for a missing report file, [(dicom_id, view, sample file, split)])
 MIMIC_STUDIES = {
@@ -189,7 +188,7 @@ def test_iu_r2gen_reader(tmp_path):
     assert all(r["impression"] is None and r["view_position"] is None for r in read.records)
 
 
-@pytest.mark.skipif(not (OPENI / "reports.csv").is_file(), reason="needs ../shared/data/openi")
+@needs_openi
 def test_iu_csv_reader_on_the_real_openi_files(tmp_path):
     read = read_corpus("iu-xray", OPENI)
     with open(OPENI / "reports.csv", newline="", encoding="utf-8") as handle:

@@ -2,7 +2,6 @@
 disjointness from the training rules, and coverage on the real Open-I reports."""
 
 import random
-from pathlib import Path
 
 import pytest
 
@@ -33,7 +32,8 @@ from llm2clip4cxr.report_variants import (
     load_abbreviations,
 )
 
-OPENI_REPORTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "openi" / "reports.csv"
+from .shared_data import OPENI_REPORTS, needs_openi
+
 ALL_FAMILIES = {**HELDOUT_POSITIVE_FAMILIES, **HELDOUT_NEGATIVE_FAMILIES}
 SEEDS = range(12)
 
@@ -455,7 +455,7 @@ def test_build_heldout_triplets():
 @pytest.fixture(scope="module")
 def openi_texts():
     if not OPENI_REPORTS.is_file():
-        pytest.skip(f"needs the Open-I reports at {OPENI_REPORTS}")
+        pytest.skip(needs_openi.kwargs["reason"])
     rows = read_reports_csv(OPENI_REPORTS)
     return [" ".join(part for part in (row["findings"], row["impression"]) if part) for row in rows]
 

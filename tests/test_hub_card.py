@@ -7,9 +7,11 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from llm2clip4cxr import LLM2CLIP4CXRConfig, LLM2Vec4CXRConfig, default_model_path
-from llm2clip4cxr.data import read_reports_csv, shared_data_dir
+from llm2clip4cxr.data import read_reports_csv
 from llm2clip4cxr.evaluation import harness, report_tasks
 from llm2clip4cxr.hub_card import model_card, select_model_results, write_text_model_card
+
+from .shared_data import HAVE_OPENI, OPENI_REPORTS, needs_openi
 
 
 def parse_strictly(card: ModelCard) -> ModelCard:
@@ -26,7 +28,9 @@ def published(card: ModelCard) -> dict:
 
 @pytest.fixture(scope="module")
 def harness_results():
-    rows = read_reports_csv(shared_data_dir() / "openi" / "reports.csv")[:60]
+    if not HAVE_OPENI:
+        pytest.skip(needs_openi.kwargs["reason"])
+    rows = read_reports_csv(OPENI_REPORTS)[:60]
     texts = [harness.report_text(row) for row in rows]
     return harness.run_evaluation({"tfidf": report_tasks.tfidf_encoder(texts), "bm25": report_tasks.bm25_scorer()}, rows)
 

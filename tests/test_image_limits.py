@@ -13,10 +13,11 @@ from llm2clip4cxr.cli import main
 from llm2clip4cxr.imaging import ImageLoadError, ImageTooLargeError, load_image
 from llm2clip4cxr.retrieval import image_encoder
 
-from .test_imaging import MONO2_DICOM, SAMPLES, write_dicom
+from .shared_data import XRV, needs_samples
+from .test_imaging import MONO2_DICOM, write_dicom
 from .test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
 
-PNG = SAMPLES / "torchxrayvision" / "00000001_000.png"
+PNG = XRV / "00000001_000.png"
 
 
 def refuse_decoding(monkeypatch):
@@ -37,6 +38,7 @@ def test_a_small_png_declaring_a_huge_image_is_refused_before_decoding(tmp_path,
         load_image(path)
 
 
+@needs_samples
 def test_the_pixel_limit_is_configurable_per_call_and_per_process(tmp_path, monkeypatch):
     width, height = Image.open(PNG).size
     with pytest.raises(ImageTooLargeError, match="over the limit of 1,000"):
@@ -51,6 +53,7 @@ def test_the_pixel_limit_is_configurable_per_call_and_per_process(tmp_path, monk
         load_image(dicom, max_pixels=48 * 64 - 1)
 
 
+@needs_samples
 def test_retrieve_refuses_an_oversized_image_in_one_line(make_model, processor, tmp_path, capsys):  # noqa: F811
     make_model().save_pretrained(tmp_path / "clip")
     processor.save_pretrained(tmp_path / "clip")
@@ -60,6 +63,7 @@ def test_retrieve_refuses_an_oversized_image_in_one_line(make_model, processor, 
     assert code == 1 and error["kind"] == "image-too-large" and str(PNG) in error["error"]
 
 
+@needs_samples
 def test_image_encoder_reads_and_shrinks_one_image_at_a_time(make_model, processor, monkeypatch):  # noqa: F811
     model, events, loaded = make_model(), [], []
     real_load = imaging.load_image
@@ -82,6 +86,7 @@ def test_image_encoder_reads_and_shrinks_one_image_at_a_time(make_model, process
     assert embeddings.shape == (5, model.config.projection_dim)
 
 
+@needs_samples
 def test_a_truncated_dicom_is_reported_as_truncated(tmp_path):
     data = MONO2_DICOM.read_bytes()
     path = tmp_path / "cut.dcm"

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from llm2clip4cxr.data import shared_data_dir
 from llm2clip4cxr.imaging import CLIP_MEAN, CLIP_STD, ImageLoadError, ImagePreprocessor, load_image
 
 pydicom = pytest.importorskip("pydicom")
@@ -16,8 +15,8 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.pixels import get_decoder  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 
-SAMPLES = shared_data_dir() / "cxr-samples"
-XRV = SAMPLES / "torchxrayvision"
+from .shared_data import HAVE_SAMPLES, SAMPLES, XRV, needs_samples  # noqa: E402
+
 MONO2_DICOM = XRV / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 MONO1_DICOM = XRV / "Fake_MONOHR1.dcm"  # the same pixel data as MONO2_DICOM, tagged MONOCHROME1
 J2K_DICOM = SAMPLES / "pydicom-data" / "RG1_J2KI.dcm"
@@ -44,6 +43,8 @@ def has_decoder(path):
 
 def decodable(path):
     """The path as a test parameter, skipped where no pydicom plugin here decodes its compression."""
+    if not HAVE_SAMPLES:
+        return pytest.param(path, id=path.name[:24], marks=needs_samples)
     reason = f"no pydicom plugin installed decodes {transfer_syntax(path).name}"
     return pytest.param(path, id=path.name[:24], marks=pytest.mark.skipif(not has_decoder(path), reason=reason))
 
@@ -92,7 +93,7 @@ def pixels12():
 # --- real sample files -------------------------------------------------------------------------------------
 
 
-ALL_SAMPLES = [pytest.param(path, id=path.name[:24]) for path in RASTER_SAMPLES] + [decodable(p) for p in DICOM_SAMPLES]
+ALL_SAMPLES = [pytest.param(path, id=path.name[:24], marks=needs_samples) for path in RASTER_SAMPLES] + [decodable(p) for p in DICOM_SAMPLES]
 
 
 @pytest.mark.parametrize("path", ALL_SAMPLES)
@@ -220,7 +221,8 @@ def make_truncated_dcm(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
-@pytest.mark.parametrize("make_file", [make_truncated_png, make_random_dcm, make_text_png, make_truncated_dcm])
+@pytest.mark.parametrize("make_file", [pytest.param(make_truncated_png, marks=needs_samples), make_random_dcm, make_text_png,
+                                       pytest.param(make_truncated_dcm, marks=needs_samples)])
 def test_bad_files_raise_image_load_error_naming_the_file(tmp_path, make_file):
     path = make_file(tmp_path)
     with pytest.raises(ImageLoadError, match=re.escape(str(path))) as info:
@@ -233,6 +235,7 @@ def test_missing_file_is_file_not_found(tmp_path):
         load_image(tmp_path / "nowhere.png")
 
 
+@needs_samples
 def test_missing_decoder_plugin_names_the_pip_command(monkeypatch):
     syntax = pydicom.dcmread(MONO2_DICOM, stop_before_pixels=True).file_meta.TransferSyntaxUID
     monkeypatch.setattr(get_decoder(syntax), "_available", {})  # as if Pillow and pylibjpeg were absent
@@ -243,6 +246,7 @@ def test_missing_decoder_plugin_names_the_pip_command(monkeypatch):
     assert "pip install pylibjpeg pylibjpeg-libjpeg" in message and 'llm2clip4cxr[imaging]' in message
 
 
+@needs_samples
 def test_missing_pydicom_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydicom", None)  # makes `import pydicom` raise ImportError
     with pytest.raises(ImportError, match=re.escape('pip install "llm2clip4cxr[imaging]"')):
@@ -252,6 +256,7 @@ def test_missing_pydicom_names_the_extra(monkeypatch):
 # --- ImagePreprocessor ---------------------------------------------------------------------------------------
 
 
+@needs_samples
 @pytest.mark.parametrize("pad_value", [0.0, 0.5])
 def test_non_square_jpeg_keeps_aspect_and_pads_centred(pad_value):
     preprocessor = ImagePreprocessor(size=224, pad_value=pad_value)
@@ -275,6 +280,7 @@ def test_tall_array_is_padded_left_and_right():
     assert intensities[:, 15:35].min() >= -1e-6 and intensities[:, 15:35].max() <= 1 + 1e-6
 
 
+@needs_samples
 def test_mixed_batch_shape_and_inputs_agree(tmp_path):
     png = RASTER_SAMPLES[0]
     preprocessor = ImagePreprocessor(size=64)
@@ -335,6 +341,7 @@ def test_preprocessor_pickles_and_round_trips_its_config():
     assert ImagePreprocessor(**preprocessor.get_config_dict()).get_config_dict() == preprocessor.get_config_dict()
 
 
+@needs_samples
 def test_dataloader_workers_preprocess_the_samples():
     """The preprocessor as collate_fn of 2 DataLoader workers, over the real samples.
 

@@ -18,9 +18,10 @@ from llm2clip4cxr.fileio import is_partial_write
 from llm2clip4cxr.imaging import load_image
 from llm2clip4cxr.prepare import PrepareOptions, prepare, split_by_patient
 
+from .shared_data import needs_openi, needs_samples
 from .test_corpora import DICOM, JPEG, MIMIC_STUDIES, OPENI, PNG, make_chexpert_plus, make_mimic
 
-pytestmark = pytest.mark.skipif(not PNG.is_file(), reason="needs ../shared/data/cxr-samples")
+pytestmark = needs_samples
 
 
 def test_split_by_patient_is_seeded_and_keeps_patients_whole():
@@ -105,7 +106,7 @@ def test_prepare_refuses_other_options_and_foreign_folders(tmp_path):
         PrepareOptions(unit="series")
 
 
-@pytest.mark.skipif(not (OPENI / "reports.csv").is_file(), reason="needs ../shared/data/openi")
+@needs_openi
 def test_cli_prepare_text_only_on_real_openi(tmp_path, capsys):
     assert main(["prepare", "iu-xray", str(OPENI), "--output", str(tmp_path / "iu"), "--text-only", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

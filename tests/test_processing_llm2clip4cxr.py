@@ -8,12 +8,11 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor
 
 from llm2clip4cxr import LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRProcessor
-from llm2clip4cxr.data import shared_data_dir
 from llm2clip4cxr.imaging import CLIP_MEAN, CLIP_STD, ImagePreprocessor, load_image
 
 from .conftest import INSTRUCTION
+from .shared_data import XRV, needs_samples
 
-XRV = shared_data_dir() / "cxr-samples" / "torchxrayvision"
 NON_SQUARE_JPEG = XRV / "16747_3_1.jpg"  # 1036 wide x 885 high, RGB
 GRAY_PNG = XRV / "00000001_000.png"  # 512 x 512, 8-bit "L", pixels 0..255
 
@@ -107,6 +106,7 @@ def test_processor_default_instruction_survives_a_round_trip_and_empty_means_non
 # --- images --------------------------------------------------------------------------------------------------------
 
 
+@needs_samples
 def test_real_non_square_jpeg_keeps_aspect_and_pads_with_pad_value(tokenizer):
     processor = make_processor(tokenizer, size=224, pad_value=0.25)
     intensities = unnormalize(processor(images=load_image(NON_SQUARE_JPEG))["pixel_values"])[0]
@@ -121,6 +121,7 @@ def test_real_non_square_jpeg_keeps_aspect_and_pads_with_pad_value(tokenizer):
     torch.testing.assert_close(intensities[0], intensities[2])  # gray repeated on 3 channels
 
 
+@needs_samples
 def test_8_bit_pil_image_equals_its_load_image_array(tokenizer):
     processor = make_processor(tokenizer, size=64)
     with Image.open(GRAY_PNG) as image:

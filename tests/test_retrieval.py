@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from llm2clip4cxr.data import shared_data_dir
 from llm2clip4cxr.imaging import load_image
 from llm2clip4cxr.retrieval import find_images, image_encoder, rank, report_encoder
 
+from .shared_data import XRV as SAMPLES
+from .shared_data import needs_samples
 from .test_cli import write_csv
 from .test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
 
-SAMPLES = shared_data_dir() / "cxr-samples" / "torchxrayvision"
 REPORTS = [("a", "Small right pleural effusion."), ("b", "No acute cardiopulmonary process."),
            ("c", "Heart size is enlarged."), ("d", "Left lower lobe opacity.")]
 
@@ -37,6 +37,7 @@ def model_cosines(model, processor, images, texts):
         return (model(**inputs).logits_per_image / model.get_logit_scale()).numpy()
 
 
+@needs_samples
 def test_encoders_reproduce_the_model_logits(saved_clip):
     model, processor, _ = saved_clip
     images = find_images([SAMPLES])[:3]
@@ -56,6 +57,7 @@ def test_rank_is_exact_top_k_with_stable_ties():
         rank(queries, corpus, k=0)
 
 
+@needs_samples
 def test_find_images_searches_folders_and_rejects_missing_paths(tmp_path):
     found = find_images([SAMPLES])
     assert {path.suffix for path in found} == {".png", ".jpg", ".dcm"}
@@ -66,6 +68,7 @@ def test_find_images_searches_folders_and_rejects_missing_paths(tmp_path):
         find_images([tmp_path])
 
 
+@needs_samples
 def test_cli_image_to_report_and_report_to_image_match_the_model(saved_clip, tmp_path):
     model, processor, path = saved_clip
     images = [SAMPLES / "00000001_000.png", SAMPLES / "16747_3_1.jpg", SAMPLES / "Fake_MONOHR1.dcm"]
@@ -96,6 +99,6 @@ def test_cli_retrieve_errors_are_clear(saved_clip, make_encoder, tmp_path):
                      "--model", path)
     assert result.returncode == 1 and "broken.png" in result.stderr
     make_encoder().save_pretrained(tmp_path / "text")
-    result = run_cli("retrieve", "report-to-image", "query", "--images", str(SAMPLES), "--model", str(tmp_path / "text"))
+    result = run_cli("retrieve", "report-to-image", "query", "--images", str(tmp_path), "--model", str(tmp_path / "text"))
     assert result.returncode == 1 and "needs an LLM2CLIP4CXR checkpoint" in result.stderr
     assert run_cli("retrieve", "report-to-image", "query", "--model", path).returncode == 2  # --images missing

@@ -1,12 +1,13 @@
 import csv
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from llm2clip4cxr.sections import parse_report_sections
 
-OPENI = Path(__file__).resolve().parents[2] / "shared" / "data" / "openi" / "reports.csv"
+from .shared_data import OPENI_REPORTS as OPENI
+from .shared_data import needs_openi
+
 
 MIMIC_STYLE = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
@@ -76,7 +77,7 @@ def test_header_less_text_is_the_preamble_and_none_is_empty():
         parse_report_sections(3)
 
 
-@pytest.mark.skipif(not OPENI.is_file(), reason="needs ../shared/data/openi/reports.csv")
+@needs_openi
 def test_real_openi_reports_rewritten_as_free_text_parse_back():
     """Every Open-I report rewritten in MIMIC's free-text form (headers, wrapped indented lines) gives its
     findings and impression columns back, and a missing column stays None."""

@@ -1,15 +1,18 @@
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from llm2clip4cxr.data import read_reports_csv, shared_data_dir
+from llm2clip4cxr.data import read_reports_csv
 from llm2clip4cxr.evaluation.report_tasks import findings_to_impression_retrieval, sentence_transformer_encoder
 from llm2clip4cxr.evaluation.st_evaluator import findings_to_impression_evaluator
 
+from .shared_data import OPENI_REPORTS, needs_openi
 
+
+@needs_openi
 @pytest.mark.parametrize("duplicate_rule", ["count_as_relevant", "collapse"])
 def test_evaluator_agrees_with_the_harness(make_encoder, tmp_path, duplicate_rule):
     make_encoder().save_pretrained(tmp_path / "model")
-    studies = read_reports_csv(shared_data_dir() / "openi" / "reports.csv")[:60]
+    studies = read_reports_csv(OPENI_REPORTS)[:60]
     model = SentenceTransformer(str(tmp_path / "model"), trust_remote_code=True)
     evaluator = findings_to_impression_evaluator(studies, duplicate_rule=duplicate_rule, name="f2i")
     scores = evaluator(model)

@@ -24,9 +24,11 @@ from llm2clip4cxr.text_training import (
     set_attention_dropout,
 )
 
+from .shared_data import OPENI_REPORTS as REPORTS_CSV
+from .shared_data import needs_openi
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "training" / "train_text_encoder.py"
-REPORTS_CSV = Path(os.environ.get("LLM2CLIP4CXR_DATA", REPO.parent / "shared" / "data")) / "openi" / "reports.csv"
 
 
 def test_mntp_predicts_each_masked_token_from_the_previous_position(make_encoder, report_texts):
@@ -121,7 +123,7 @@ def _recipe(*args):
     return [sys.executable, str(RECIPE), *args]
 
 
-@pytest.mark.skipif(not REPORTS_CSV.exists(), reason="needs ../shared/data/openi/reports.csv")
+@needs_openi
 def test_interrupted_run_resumes_to_the_same_final_step(saved_tiny_encoder, tmp_path):
     output_dir = tmp_path / "run"
     args = [
@@ -158,7 +160,7 @@ def test_last_complete_checkpoint_skips_a_save_cut_short(tmp_path):
     assert last_complete_checkpoint(tmp_path) is None
 
 
-@pytest.mark.skipif(not REPORTS_CSV.exists(), reason="needs ../shared/data/openi/reports.csv")
+@needs_openi
 def test_contrastive_recipe_with_lora_writes_a_loadable_merged_encoder(saved_tiny_encoder, tmp_path):
     sys.path.insert(0, str(REPO / "training"))
     try:

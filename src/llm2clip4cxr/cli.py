@@ -416,11 +416,11 @@ def _eval(args) -> int:
     from .data import read_reports_csv, shared_data_dir, split_by_study
     from .evaluation import harness, report_tasks
 
+    if args.limit is not None and args.limit < 1:  # before looking for the data: a usage mistake comes first
+        raise ValueError(f"--limit must be a positive number of studies, got {args.limit}.")
     csv_path = Path(args.csv) if args.csv else shared_data_dir() / "openi" / "reports.csv"
     if not csv_path.is_file():
         raise FileNotFoundError(f"--csv {csv_path}: no such file.")
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive number of studies, got {args.limit}.")
     rows = read_reports_csv(csv_path)
     if args.held_out:
         rows = split_by_study(rows)[1]
