@@ -57,7 +57,7 @@ RETRIEVE = textwrap.dedent("""
 BASELINE = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from llm2clip4cxr.imaging import load_image
+    from llm2clip4cxr.data.imaging import load_image
     from llm2clip4cxr.retrieval import load_clip_model
 
     model, processor = load_clip_model(sys.argv[1])

@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from llm2clip4cxr.data import load_prepared, shared_data_dir
-from llm2clip4cxr.prepare import PrepareOptions, prepare
+from llm2clip4cxr.data import load_prepared
+from llm2clip4cxr.defaults import shared_data_dir
+from llm2clip4cxr.data.prepare import PrepareOptions, prepare
 
 SUFFIXES = (".png", ".jpg", ".dcm")
 

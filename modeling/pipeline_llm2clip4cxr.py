@@ -10,7 +10,7 @@ runs it. transformers' own pipeline calls the bare tokenizer, which gives no `em
 this one prompts through the checkpoint's processor, so every label is tokenized as the model was trained:
 the processor's `default_instruction` (the one the model was trained with) is prepended and pooled out.
 Images may be PIL images, arrays, tensors, or paths/URLs of 8-bit images; read DICOM or 16-bit files with
-`llm2clip4cxr.imaging.load_image` and pass the array. Imports only transformers and torch.
+`llm2clip4cxr.data.imaging.load_image` and pass the array. Imports only transformers and torch.
 """
 
 from transformers.image_utils import load_image

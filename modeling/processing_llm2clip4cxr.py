@@ -57,7 +57,7 @@ class LLM2CLIP4CXRImageProcessor(BaseImageProcessor):
     - integer images (8-bit PIL images, `uint8` arrays...) are multiplied by `rescale_factor` (1/255)
       when `do_rescale`;
     - floating-point images are taken to be intensities on [0, 1] already, as
-      `llm2clip4cxr.imaging.load_image` returns for PNG, JPEG and DICOM files at any bit depth (use it
+      `llm2clip4cxr.data.imaging.load_image` returns for PNG, JPEG and DICOM files at any bit depth (use it
       for DICOM and 16-bit files).
 
     An image that ends up outside [0, 1] is an error rather than silently clipped.
@@ -219,13 +219,13 @@ class LLM2CLIP4CXRImageProcessor(BaseImageProcessor):
                 hint = (
                     f"its integer pixels times rescale_factor={rescale_factor:.6g} leave [0, 1]; set "
                     "`rescale_factor` to 1 / (its maximum value), or load the file with "
-                    "`llm2clip4cxr.imaging.load_image`"
+                    "`llm2clip4cxr.data.imaging.load_image`"
                     if do_rescale
                     else "integer pixels need `do_rescale=True`"
                 )
             else:
                 hint = (
-                    "floating-point images must be intensities on [0, 1], as `llm2clip4cxr.imaging.load_image` "
+                    "floating-point images must be intensities on [0, 1], as `llm2clip4cxr.data.imaging.load_image` "
                     "returns"
                 )
             raise ValueError(f"{name} has values in [{low.item():.6g}, {high.item():.6g}]: {hint}.")

@@ -10,7 +10,8 @@ import datasets
 import numpy as np
 import pytest
 
-from llm2clip4cxr.embedding import EMBEDDINGS_FILE, embed_in_chunks, load_text_dataset
+from llm2clip4cxr.data import load_text_dataset
+from llm2clip4cxr.embedding import EMBEDDINGS_FILE, embed_in_chunks
 
 DIM = 8
 

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor
 
 from llm2clip4cxr import LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRProcessor
-from llm2clip4cxr.imaging import CLIP_MEAN, CLIP_STD, ImagePreprocessor, load_image
+from llm2clip4cxr.data.imaging import CLIP_MEAN, CLIP_STD, ImagePreprocessor, load_image
 
 from .conftest import INSTRUCTION
 from .shared_data import XRV, needs_samples

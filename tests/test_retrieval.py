@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm2clip4cxr.imaging import load_image
+from llm2clip4cxr.data.imaging import load_image
 from llm2clip4cxr.retrieval import find_images, image_encoder, rank, report_encoder
 
 from .shared_data import XRV as SAMPLES

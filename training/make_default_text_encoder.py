@@ -35,7 +35,8 @@ sys.path.insert(0, str(HERE))
 import train_text_encoder  # noqa: E402
 
 from llm2clip4cxr import LLM2Vec4CXRModel  # noqa: E402
-from llm2clip4cxr.data import read_reports_csv, shared_data_dir, split_by_study  # noqa: E402
+from llm2clip4cxr.data import read_reports_csv, split_by_study  # noqa: E402
+from llm2clip4cxr.defaults import shared_data_dir  # noqa: E402
 from llm2clip4cxr.evaluation import harness, report_tasks  # noqa: E402
 from llm2clip4cxr.factory import build_text_encoder  # noqa: E402
 from llm2clip4cxr.hybrid import HybridScorer  # noqa: E402

@@ -6,7 +6,7 @@ reports). Bring your own image-report pairs (e.g. MIMIC-CXR under its licence).
 
 Data: a folder written by `llm2clip4cxr prepare` (its train split; see docs/data.md), or a CSV or JSONL
 file with an `image` column (path, relative to the data file's folder unless
-absolute; PNG/JPEG/DICOM, read with `llm2clip4cxr.imaging.load_image`), `findings` and/or `impression`
+absolute; PNG/JPEG/DICOM, read with `llm2clip4cxr.data.imaging.load_image`), `findings` and/or `impression`
 columns and an optional integer `label` (class id, 0 = normal) for `--sup_con_weight` / `--bce_weight`.
 
     # start from a trained LLM2Vec4CXR text tower and a vision checkpoint (or a vision config JSON)

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, Be
 from transformers import ViTConfig, ViTModel
 
 from .checkpoints import check_model_folder, remote_code_guard
-from .imaging import CLIP_MEAN, CLIP_STD, load_image
+from .data.imaging import CLIP_MEAN, CLIP_STD, load_image
 
 # Dual encoders whose transformers model has get_text_features / get_image_features.
 SUPPORTED_DUAL_ENCODERS = ("clip", "siglip", "siglip2")
@@ -78,7 +78,7 @@ class HFDualEncoder:
     @torch.inference_mode()
     def encode_images(self, images: Sequence) -> np.ndarray:
         """L2-normalised image embeddings, float32 `(len(images), projection_dim)`; images as PIL images or
-        arrays (see `llm2clip4cxr.imaging.load_image` for DICOM)."""
+        arrays (see `llm2clip4cxr.data.imaging.load_image` for DICOM)."""
         def encode(batch: list) -> torch.Tensor:
             inputs = self.processor(images=batch, return_tensors="pt").to(self.device)
             return _features(self.model.get_image_features(**inputs))
@@ -423,7 +423,7 @@ class BiomedCLIPDualEncoder:
     @torch.inference_mode()
     def encode_images(self, images: Sequence) -> np.ndarray:
         """L2-normalised image embeddings, float32 `(len(images), embed_dim)`; images as paths (read with
-        `llm2clip4cxr.imaging.load_image`, so DICOM works), PIL images or arrays."""
+        `llm2clip4cxr.data.imaging.load_image`, so DICOM works), PIL images or arrays."""
         def encode(batch: list) -> torch.Tensor:
             pixels = torch.stack([self.preprocess(image) for image in batch])
             hidden = self.vision(pixel_values=pixels.to(self.device)).last_hidden_state  # after the final LayerNorm

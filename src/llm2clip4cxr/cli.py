@@ -120,7 +120,7 @@ def _output_lock(args, target: Path, inside: bool = False):
 
 
 def _similarity(args) -> int:
-    from .tables import read_text_lines
+    from .data.tables import read_text_lines
 
     _inputs_and_outputs({"--output": args.output}, {"--file": args.file, "--model": args.model})
     _create_parent(args.output)
@@ -141,7 +141,7 @@ def _similarity(args) -> int:
 
 def _read_texts(path, column: str, id_column: str | None = None, extra_columns=()):
     """The non-empty cells of `column` as a `datasets.Dataset` with columns id, text and `extra_columns`."""
-    from .embedding import load_text_dataset
+    from .data.tables import load_text_dataset
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"--csv {path}: no such file.")
@@ -413,7 +413,8 @@ def _quiet(load, *args):
 
 
 def _eval(args) -> int:
-    from .data import read_reports_csv, shared_data_dir, split_by_study
+    from .data.reports import read_reports_csv, split_by_study
+    from .defaults import shared_data_dir
     from .evaluation import harness, report_tasks
 
     if args.limit is not None and args.limit < 1:  # before looking for the data: a usage mistake comes first

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import Trainer
 
 from .fileio import atomic_write
-from .imaging import load_image
+from .data.imaging import load_image
 from .losses import clip_loss, gather_features
 from .modeling.modeling_llm2clip4cxr import LLM2CLIP4CXRModel
 from .report_variants import RandomLike, _as_rng, shuffle_sentences

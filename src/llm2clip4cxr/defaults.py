@@ -1,9 +1,22 @@
-"""The default models shipped inside the package."""
+"""Where things are by default: the models shipped inside the package, and the folder of real CXR data."""
 
+import os
 from pathlib import Path
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 KINDS = ("text", "clip")
+# ../shared/data beside the project root, as laid out for development and CI.
+_DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def shared_data_dir() -> Path:
+    """The folder of real CXR data (`$LLM2CLIP4CXR_DATA`, else ../shared/data beside the project)."""
+    path = Path(os.environ.get("LLM2CLIP4CXR_DATA", _DEFAULT_SHARED_DATA))
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"No CXR data folder at {path}. Set LLM2CLIP4CXR_DATA to the folder holding openi/reports.csv."
+        )
+    return path
 
 
 def default_model_path(kind: str = "text") -> Path:

@@ -1,7 +1,7 @@
 """Image <-> report retrieval with an LLM2CLIP4CXR model.
 
 `image_encoder` / `report_encoder` turn an `LLM2CLIP4CXRModel` and its processor into callables that map
-a list of image paths (PNG, JPEG or DICOM, read by `llm2clip4cxr.imaging.load_image`) or report texts to
+a list of image paths (PNG, JPEG or DICOM, read by `llm2clip4cxr.data.imaging.load_image`) or report texts to
 L2-normalised float32 arrays in the shared embedding space, so their dot products are the cosine
 similarities the model's `logits_per_image` scales. They plug into `embed_in_chunks` for collections
 and into `EmbeddingIndex` for search at scale; `rank` is the exact top-k for small collections.
@@ -75,9 +75,9 @@ def image_encoder(model, processor, batch_size: int = 16, max_pixels: int | None
     Images are read and preprocessed one at a time (each is resized to the model's input as soon as it
     is read), so memory holds one full-resolution image and a batch of small model inputs, not a batch of
     full-resolution images. Files declaring more than `max_pixels` pixels (default
-    `llm2clip4cxr.imaging.MAX_IMAGE_PIXELS`) are refused with `ImageTooLargeError` before decoding.
+    `llm2clip4cxr.data.imaging.MAX_IMAGE_PIXELS`) are refused with `ImageTooLargeError` before decoding.
     """
-    from .imaging import load_image
+    from .data.imaging import load_image
 
     @torch.inference_mode()
     def encode(images: Sequence) -> np.ndarray:

@@ -40,7 +40,7 @@ def zero_shot_classify(
         model (`LLM2CLIP4CXRModel`): the model.
         processor (`LLM2CLIP4CXRProcessor`): its processor.
         images: one image or a list of images, in any form the processor accepts (PIL images, arrays
-            from `llm2clip4cxr.imaging.load_image`, tensors) or file paths (read with `load_image`).
+            from `llm2clip4cxr.data.imaging.load_image`, tensors) or file paths (read with `load_image`).
         labels (`Sequence[str]`): class names, e.g. `["pleural effusion", "no acute findings"]`.
         templates (`Sequence[str]`, defaults to `("{}",)`): prompt templates with one `{}` for the label,
             e.g. `("There is {}.", "Findings suggest {}.")`.

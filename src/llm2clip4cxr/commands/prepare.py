@@ -4,8 +4,8 @@ import json
 
 
 def register(commands) -> None:
-    from ..corpora import LAYOUTS
-    from ..prepare import SECTION_REQUIREMENTS
+    from ..data.corpora import LAYOUTS
+    from ..data.prepare import SECTION_REQUIREMENTS
 
     parser = commands.add_parser(
         "prepare", help="turn a downloaded MIMIC-CXR-JPG / CheXpert Plus / IU X-ray folder into a training dataset",
@@ -45,7 +45,7 @@ def register(commands) -> None:
 
 def _prepare(args) -> int:
     from ..cli import EXIT_OK
-    from ..prepare import PrepareOptions, format_summary, prepare
+    from ..data.prepare import PrepareOptions, format_summary, prepare
 
     if args.text_only and args.unit == "image":
         args.unit = "study"  # text-only rows are studies; --unit image is the default, not a request here

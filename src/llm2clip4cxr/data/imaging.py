@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from .errors import LLM2CLIP4CXRError
-from .modeling.processing_llm2clip4cxr import RESAMPLE_MODES, LLM2CLIP4CXRImageProcessor
+from ..errors import LLM2CLIP4CXRError
+from ..modeling.processing_llm2clip4cxr import RESAMPLE_MODES, LLM2CLIP4CXRImageProcessor
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -74,7 +74,7 @@ def _check_pixels(path: str, width: int, height: int, max_pixels: int | None) ->
     if limit and width * height > limit:
         raise ImageTooLargeError(
             f"{path} declares {width} x {height} = {width * height:,} pixels, over the limit of {limit:,} "
-            "(llm2clip4cxr.imaging.MAX_IMAGE_PIXELS); it is refused before decoding. If it is a genuine image, "
+            "(llm2clip4cxr.data.imaging.MAX_IMAGE_PIXELS); it is refused before decoding. If it is a genuine image, "
             "raise the limit (--max-image-pixels, or max_pixels= in Python)."
         )
 

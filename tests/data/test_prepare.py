@@ -15,10 +15,10 @@ from PIL import Image
 from llm2clip4cxr.cli import main
 from llm2clip4cxr.data import load_prepared
 from llm2clip4cxr.fileio import is_partial_write
-from llm2clip4cxr.imaging import load_image
-from llm2clip4cxr.prepare import PrepareOptions, prepare, split_by_patient
+from llm2clip4cxr.data.imaging import load_image
+from llm2clip4cxr.data.prepare import PrepareOptions, prepare, split_by_patient
 
-from .shared_data import needs_openi, needs_samples
+from ..shared_data import ROOT, needs_openi, needs_samples
 from .test_corpora import DICOM, JPEG, MIMIC_STUDIES, OPENI, PNG, make_chexpert_plus, make_mimic
 
 pytestmark = needs_samples
@@ -97,8 +97,8 @@ def test_prepare_refuses_other_options_and_foreign_folders(tmp_path):
     with pytest.raises(FileExistsError, match="not a prepared folder"):
         prepare(folder, tmp_path / "busy", PrepareOptions(), num_workers=1, progress=False)
     with pytest.raises(ValueError, match="needs view positions"):  # R2Gen-like sources record no views
-        from llm2clip4cxr.corpora import CorpusRead
-        from llm2clip4cxr.prepare import plan_rows
+        from llm2clip4cxr.data.corpora import CorpusRead
+        from llm2clip4cxr.data.prepare import plan_rows
 
         plan_rows(CorpusRead("iu-xray", "r2gen-annotation", ".", [{"image_id": "a", "view_position": None}]),
                   PrepareOptions(frontal_only=True))
@@ -188,7 +188,7 @@ def test_prepare_resumes_after_sigkill_without_redoing_finished_shards(tmp_path)
 
 
 def _recipe(name):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+    sys.path.insert(0, str(ROOT / "training"))
     try:
         return __import__(name)
     finally:
@@ -199,7 +199,7 @@ def test_training_recipes_take_a_prepared_folder(make_encoder, tmp_path):
     """FABRICATED PAIRING (smoke test): both recipes train a couple of steps on a prepared CheXpert Plus layout."""
     from transformers import AutoModel
 
-    from .test_clip_training import TINY_VISION
+    from ..test_clip_training import TINY_VISION
 
     folder = make_chexpert_plus(tmp_path)
     prepare(folder, tmp_path / "prepared", PrepareOptions(image_size=40, split="patient", validation_fraction=0.3,

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llm2clip4cxr.embedding import load_text_dataset
+from llm2clip4cxr.data import load_text_dataset
 from llm2clip4cxr.errors import InputError
-from llm2clip4cxr.tables import read_text_lines
+from llm2clip4cxr.data.tables import read_text_lines
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 BOM = "\ufeff".encode()

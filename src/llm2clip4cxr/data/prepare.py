@@ -26,11 +26,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .corpora import CorpusRead, read_corpus
-from .data import datasets_progress_bars_off
-from .errors import InputError
-from .fileio import atomic_write, output_lock, remove_partial_writes
+from ..errors import InputError
+from ..fileio import atomic_write, output_lock, remove_partial_writes
+from .tables import datasets_progress_bars_off
 
-__all__ = ["PrepareOptions", "SECTION_REQUIREMENTS", "format_summary", "plan_rows", "prepare", "split_by_patient"]
+__all__ = [
+    "PrepareOptions", "SECTION_REQUIREMENTS", "format_summary", "load_prepared", "plan_rows", "prepare", "split_by_patient",
+]
 
 MANIFEST = "prepare.json"
 SUMMARY = "summary.json"
@@ -475,3 +477,39 @@ def format_summary(summary: dict, output, examples: int = 5) -> str:
             lines.append(f"  ... {len(items) - examples} more in {Path(output) / SUMMARY}")
     return "\n".join(lines)
 
+
+def load_prepared(path, split: str = "train", streaming: bool = False, image_root=None):
+    """A split of a folder written by `llm2clip4cxr prepare` as a `datasets.Dataset` (or, with
+    `streaming=True`, an `IterableDataset` that reads the parquet shards lazily, for large corpora).
+
+    Image paths (`image`, or `images` in per-study datasets) come back absolute: relative to the prepared
+    folder for resized images, else to the source folder recorded at prepare time (`image_root` overrides
+    it, e.g. after the source folder moved).
+
+    Raises:
+        FileNotFoundError: `path` is not a completely prepared folder.
+        ValueError: the folder has no rows in `split` (the message lists the splits it has).
+    """
+    import datasets
+
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(f"{path}: not a prepared dataset folder (no {MANIFEST}); run `llm2clip4cxr prepare`.")
+    if not (path / SUMMARY).is_file():
+        raise FileNotFoundError(f"{path}: its prepare run did not finish (no {SUMMARY}); rerun the same "
+                                "`llm2clip4cxr prepare` command to resume it.")
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    files = sorted(str(file) for file in (path / "data").glob(f"{split}-*.parquet"))
+    if not files:
+        rows = json.loads((path / SUMMARY).read_text(encoding="utf-8"))["rows"]
+        raise ValueError(f"{path} has no rows in split {split!r}; its rows per split: {rows}.")
+    dataset = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
+    base = path.resolve() if manifest["image_root"] == "." else Path(manifest["image_root"])
+    base = str(Path(image_root).resolve() if image_root is not None else base)
+    if "image" in dataset.column_names:
+        return dataset.map(lambda batch: {"image": [os.path.join(base, p) for p in batch["image"]]}, batched=True)
+    if "images" in dataset.column_names:
+        return dataset.map(
+            lambda batch: {"images": [[os.path.join(base, p) for p in ps] for ps in batch["images"]]}, batched=True
+        )
+    return dataset

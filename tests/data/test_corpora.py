@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llm2clip4cxr.corpora import CHEXPERT_LABELS, detect_layout, read_corpus
+from llm2clip4cxr.data.corpora import CHEXPERT_LABELS, detect_layout, read_corpus
 
-from .shared_data import OPENI, SAMPLES, needs_openi, needs_samples
+from ..shared_data import OPENI, SAMPLES, needs_openi, needs_samples
 
 # Real files: 512x512 PNGs, a non-square RGB JPEG (1036x885), an 8-bit JPEG-baseline DICOM (MONOCHROME1).
 PNG = SAMPLES / "torchxrayvision" / "00000001_000.png"

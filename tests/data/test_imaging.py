@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from llm2clip4cxr.imaging import CLIP_MEAN, CLIP_STD, ImageLoadError, ImagePreprocessor, load_image
+from llm2clip4cxr.data.imaging import CLIP_MEAN, CLIP_STD, ImageLoadError, ImagePreprocessor, load_image
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.pixels import get_decoder  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid  # noqa: E402
 
-from .shared_data import HAVE_SAMPLES, SAMPLES, XRV, needs_samples  # noqa: E402
+from ..shared_data import HAVE_SAMPLES, SAMPLES, XRV, needs_samples  # noqa: E402
 
 MONO2_DICOM = XRV / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 MONO1_DICOM = XRV / "Fake_MONOHR1.dcm"  # the same pixel data as MONO2_DICOM, tagged MONOCHROME1
@@ -350,7 +350,7 @@ def test_dataloader_workers_preprocess_the_samples():
     transformers again (~4 s each), keeping this test to a few seconds.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["llm2clip4cxr.imaging"])
+    context.set_forkserver_preload(["llm2clip4cxr.data.imaging"])
     paths = RASTER_SAMPLES + [path for path in DICOM_SAMPLES if has_decoder(path)]
     preprocessor = ImagePreprocessor(size=32)
     loader = torch.utils.data.DataLoader(

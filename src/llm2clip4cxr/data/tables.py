@@ -1,6 +1,9 @@
 """Strict readers for the tables and text files users give: UTF-8 (with or without a BOM), CSV with a header
 row, JSON lines. Every problem is an `InputError` naming the file, the line and what to do, instead of a
 parser's traceback; rows stream one at a time (constant memory whatever the file size).
+
+`load_text_dataset` streams one such file (or a parquet file) into a `datasets.Dataset` of its texts, the
+input of `llm2clip4cxr encode` / `index build` / `similar`.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -15,9 +19,12 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
-__all__ = ["bad_utf8_error", "csv_header", "iter_csv_rows", "iter_jsonl_rows", "read_text_lines"]
+__all__ = [
+    "bad_utf8_error", "csv_header", "datasets_progress_bars_off", "iter_csv_rows", "iter_jsonl_rows", "load_text_dataset",
+    "read_text_lines",
+]
 
 _UTF8_HINT = "save it as UTF-8"
 
@@ -194,3 +201,131 @@ def read_text_lines(path: str | os.PathLike) -> list[str]:
     except UnicodeDecodeError:
         raise bad_utf8_error(path) from None
     return lines[:-1] if lines[-1] == "" else lines
+
+
+@contextlib.contextmanager
+def datasets_progress_bars_off() -> Iterator[None]:
+    """Silence `datasets`' per-step progress bars inside the block (restoring them after), for steps whose
+    progress a bar of our own already shows."""
+    import datasets
+
+    were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on:
+            datasets.enable_progress_bars()
+
+
+def load_text_dataset(
+    path: str | os.PathLike, column: str, id_column: str | None = None, extra_columns: Sequence[str] = ()
+):
+    """A CSV / parquet / JSON-lines file as a `datasets.Dataset` of its non-empty `column` cells.
+
+    The rows are streamed into a `datasets` Arrow file (memory-mapped from its cache), so a collection
+    larger than RAM can be embedded. CSV and JSON lines are read strictly (`llm2clip4cxr.data.tables`): UTF-8
+    with or without a BOM, every cell as text (no "007" -> 7), and any problem (bad quoting, a row with
+    too many cells, a byte that is not UTF-8, a header without rows) is an `InputError` naming the file and
+    line. Rows whose `column` is empty or blank are dropped; the result has the columns `id` (from
+    `id_column`, else the row's position among the kept rows, as a string), `text` and `extra_columns`
+    (as strings).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        InputError (a ValueError): unknown suffix, unreadable content, a missing column, no non-empty text,
+            or missing or repeated ids.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file.")
+    # Reading and filtering are quick next to encoding, whose own bar shows progress; datasets' bars
+    # for each of its steps would only bury it.
+    with datasets_progress_bars_off():
+        return _load_text_dataset(path, column, id_column, extra_columns)
+
+
+_TEXT_READERS = {".csv": iter_csv_rows, ".jsonl": iter_jsonl_rows, ".json": iter_jsonl_rows}
+_READER_VERSION = 2  # part of the cache fingerprint: bump when the readers change what they yield
+
+
+def _generate_rows(path: str, columns: tuple[str, ...], suffix: str):
+    yield from _TEXT_READERS[suffix](path, list(columns))
+
+
+def _read_table(path: Path, wanted: list[str]):
+    """The `wanted` columns of `path` as a datasets.Dataset (CSV / JSON lines: all strings)."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    if path.suffix == ".parquet":
+        try:
+            dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as error:  # pyarrow / datasets raise many types for a damaged file
+            raise InputError(f"{path}: not a readable parquet file ({_last_line(error)}).") from None
+        missing = [name for name in wanted if name not in dataset.column_names]
+        if missing:
+            raise InputError(f"{path} has no column(s) {missing}; its columns are {dataset.column_names}.")
+        return dataset.select_columns(wanted)
+    stat = path.stat()
+    # The file's identity and version, so the Arrow cache is reused for the same file and never for an edited one.
+    fingerprint = hashlib.sha256(json.dumps(
+        [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, wanted, _READER_VERSION]
+    ).encode()).hexdigest()[:32]
+    features = datasets.Features({name: datasets.Value("string") for name in wanted})
+    try:
+        return datasets.Dataset.from_generator(
+            _generate_rows, features=features, fingerprint=fingerprint,
+            # a tuple: datasets would split a list in gen_kwargs into shards
+            gen_kwargs={"path": str(path), "columns": tuple(wanted), "suffix": path.suffix},
+        )
+    except DatasetGenerationError as error:
+        cause = error.__cause__
+        if isinstance(cause, (InputError, OSError)):
+            raise cause from None
+        raise InputError(f"{path}: could not be read ({_last_line(cause or error)}).") from None
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _load_text_dataset(path: Path, column: str, id_column: str | None, extra_columns: Sequence[str]):
+    if path.suffix not in (*_TEXT_READERS, ".parquet"):
+        raise InputError(f"{path}: expected a .csv, .parquet or .jsonl file, got {path.suffix!r}.")
+    reserved = [name for name in extra_columns if name in ("id", "text")]
+    if reserved:
+        raise InputError(f"extra column names {reserved} clash with the output columns 'id' and 'text'.")
+    wanted = list(dict.fromkeys(name for name in (column, id_column, *extra_columns) if name))
+    dataset = _read_table(path, wanted)
+    dataset = dataset.filter(
+        lambda batch: [text is not None and bool(str(text).strip()) for text in batch[column]],
+        batched=True, desc="dropping empty reports",
+    )
+    if len(dataset) == 0:
+        raise InputError(f"{path}: column {column!r} has no non-empty text.")
+
+    def to_output_columns(batch, indices):
+        out = {"id": [None if value is None else str(value) for value in batch[id_column]] if id_column
+               else [str(i) for i in indices]}
+        out["text"] = [str(text) for text in batch[column]]
+        out.update({name: ["" if value is None else str(value) for value in batch[name]] for name in extra_columns})
+        return out
+
+    dataset = dataset.map(
+        to_output_columns, batched=True, with_indices=True, remove_columns=dataset.column_names, desc="reading texts"
+    )
+    if id_column:
+        ids = list(dataset["id"])
+        empty = next((i for i, id_ in enumerate(ids) if id_ is None or not id_.strip()), None)
+        if empty is not None:
+            raise InputError(
+                f"{path}: id column {id_column!r} is empty for the report {dataset[empty]['text'][:60]!r}; every "
+                "report needs an id."
+            )
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            repeated = next(id_ for id_ in ids if id_ in seen or seen.add(id_))
+            raise InputError(f"{path}: id column {id_column!r} repeats the id {repeated!r}; ids must be unique.")
+    return dataset.select_columns(["id", "text", *extra_columns])

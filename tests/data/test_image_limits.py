@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import llm2clip4cxr.imaging as imaging
+import llm2clip4cxr.data.imaging as imaging
 from llm2clip4cxr.cli import main
-from llm2clip4cxr.imaging import ImageLoadError, ImageTooLargeError, load_image
+from llm2clip4cxr.data.imaging import ImageLoadError, ImageTooLargeError, load_image
 from llm2clip4cxr.retrieval import image_encoder
 
-from .shared_data import XRV, needs_samples
+from ..shared_data import XRV, needs_samples
 from .test_imaging import MONO2_DICOM, write_dicom
-from .test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
+from ..test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
 
 PNG = XRV / "00000001_000.png"
 

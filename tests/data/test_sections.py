@@ -3,10 +3,10 @@ import textwrap
 
 import pytest
 
-from llm2clip4cxr.sections import parse_report_sections
+from llm2clip4cxr.data.sections import parse_report_sections
 
-from .shared_data import OPENI_REPORTS as OPENI
-from .shared_data import needs_openi
+from ..shared_data import OPENI_REPORTS as OPENI
+from ..shared_data import needs_openi
 
 
 MIMIC_STYLE = """                                 FINAL REPORT
