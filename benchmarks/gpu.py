@@ -4,7 +4,7 @@
 
 On a GPU it measures a Llama-3.2-1B-shaped LLM2Vec4CXR (random weights, bf16, sdpa) and an EVA02-L/14 @448
 vision tower; on the CPU it runs a tiny shape so that CI can smoke-test the script. Reports are synthetic
-(`llm2clip4cxr.synthetic_reports`): no data is needed on the GPU machine. Rows, all in one run:
+(`llm2clip4cxr.augment.synthetic`): no data is needed on the GPU machine. Rows, all in one run:
 
     naive loop            file order, batch 64, tokenize + copy + forward + .cpu() per batch (the baseline)
     encode() at 64/256/1024   the package's pipeline (length-sorted batches, tokenization one batch ahead
@@ -73,7 +73,7 @@ def non_embedding_parameters(model) -> int:
 
 def build_text_model(shape: str, device, dtype):
     from llm2clip4cxr.factory import build_text_encoder
-    from llm2clip4cxr.synthetic_reports import build_synthetic_triplets
+    from llm2clip4cxr.augment.synthetic import build_synthetic_triplets
     from llm2clip4cxr.tokenization import train_report_tokenizer
 
     texts = [t["anchor"] for t in build_synthetic_triplets(2000, seed=1)]
@@ -223,7 +223,7 @@ def main(argv=None):
     peak = (args.peak_tflops * 1e12) if args.peak_tflops else (794e12 if on_gpu else measured_peak_flops(device))
     count = args.reports or (12384 if on_gpu else 64)
 
-    from llm2clip4cxr.synthetic_reports import build_synthetic_triplets
+    from llm2clip4cxr.augment.synthetic import build_synthetic_triplets
 
     reports = [t["anchor"] for t in build_synthetic_triplets(count, seed=7)]
     print(f"{device} ({torch.cuda.get_device_name() if on_gpu else 'CPU'}), shape {shape}, {count} reports, "

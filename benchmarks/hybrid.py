@@ -3,7 +3,7 @@
     python benchmarks/hybrid.py [--reports 10000] [--dim 256] [--queries 100] [--kind flat]
 
 The corpus is report text (the Open-I reports when ../shared/data is there, topped up with synthetic
-reports from `llm2clip4cxr.synthetic_reports`) with random unit vectors: search latency does not depend on
+reports from `llm2clip4cxr.augment.synthetic`) with random unit vectors: search latency does not depend on
 what the vectors mean. Query embedding time is left out (it is the same for both). Prints milliseconds
 per query for one query per call and for --queries per call, and the hybrid/dense ratio.
 """
@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from llm2clip4cxr.index import EmbeddingIndex
-from llm2clip4cxr.synthetic_reports import build_synthetic_triplets
+from llm2clip4cxr.augment.synthetic import build_synthetic_triplets
 
 
 def corpus_texts(count: int) -> list[str]:

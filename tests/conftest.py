@@ -39,7 +39,7 @@ def report_texts():
     reports), then single reports."""
     if HAVE_OPENI:
         return openi_report_texts(OPENI_REPORTS)
-    from llm2clip4cxr.synthetic_reports import build_synthetic_triplets
+    from llm2clip4cxr.augment.synthetic import build_synthetic_triplets
 
     triplets = build_synthetic_triplets(1500, seed=0)
     pairs = [f"{triplet['anchor']} {triplet['positive']}" for triplet in triplets]

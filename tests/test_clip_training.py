@@ -22,7 +22,7 @@ from llm2clip4cxr.clip_training import (
     cache_text_embeddings,
     supervised_contrastive_loss,
 )
-from llm2clip4cxr.report_variants import split_sentences
+from llm2clip4cxr.augment.variants import split_sentences
 
 from .shared_data import XRV as SAMPLES
 from .shared_data import needs_samples

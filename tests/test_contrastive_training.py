@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm2clip4cxr.report_variants import build_section_pairs
+from llm2clip4cxr.augment.triplets import build_section_pairs
 from llm2clip4cxr.text_training import contrastive_loss, sentence_transformer_for
 
 from .shared_data import OPENI_REPORTS as REPORTS_CSV

@@ -15,7 +15,7 @@ from llm2clip4cxr.evaluation.report_tasks import (
     score_matrix,
     zero_shot_label_auroc,
 )
-from llm2clip4cxr.report_variants import make_positive
+from llm2clip4cxr.augment.variants import make_positive
 
 from .test_report_tasks import lookup_encoder
 

@@ -24,7 +24,7 @@ from llm2clip4cxr.evaluation.heldout_variants import (
     restructure_sentences,
     synonym_rewording,
 )
-from llm2clip4cxr.report_variants import (
+from llm2clip4cxr.augment.variants import (
     CHANGE_STATUS_SWAPS,
     NEGATIVE_GENERATORS,
     POSITIVE_GENERATORS,

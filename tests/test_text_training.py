@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import transformers
 
 from llm2clip4cxr import LLM2Vec4CXRModel
-from llm2clip4cxr.report_variants import build_triplets
+from llm2clip4cxr.augment.triplets import build_triplets
 from llm2clip4cxr.text_training import (
     apply_lora,
     contrastive_loss,

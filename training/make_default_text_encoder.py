@@ -11,7 +11,7 @@ Steps, all on the Open-I reports in ../shared/data (research-only data, see its 
      texts in a batch, the three datasets in turn) on: the findings<->impression pairs of each training study,
      rule-based variant triplets of the training reports (TRAIN families: abbreviations, shuffle,
      boilerplate removal; laterality, negation, severity, size, change-status and finding errors), and
-     compositional synthetic triplets (`llm2clip4cxr.synthetic_reports`);
+     compositional synthetic triplets (`llm2clip4cxr.augment.synthetic`);
   6. evaluate on the held-out studies with the evaluation harness (held-out variant families, the
      hand-written clinical ordering suite) next to TF-IDF, BM25, all-MiniLM-L6-v2 and the hybrid, and write
      `results.json` and the model card.
@@ -40,9 +40,9 @@ from llm2clip4cxr.defaults import shared_data_dir  # noqa: E402
 from llm2clip4cxr.evaluation import harness, report_tasks  # noqa: E402
 from llm2clip4cxr.factory import build_text_encoder  # noqa: E402
 from llm2clip4cxr.hybrid import HybridScorer  # noqa: E402
-from llm2clip4cxr.report_variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS  # noqa: E402
-from llm2clip4cxr.synthetic_reports import FAMILY as SYNTHETIC_FAMILY  # noqa: E402
-from llm2clip4cxr.synthetic_reports import build_synthetic_triplets  # noqa: E402
+from llm2clip4cxr.augment.variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS  # noqa: E402
+from llm2clip4cxr.augment.synthetic import FAMILY as SYNTHETIC_FAMILY  # noqa: E402
+from llm2clip4cxr.augment.synthetic import build_synthetic_triplets  # noqa: E402
 from llm2clip4cxr.tokenization import train_report_tokenizer  # noqa: E402
 
 INSTRUCTION = "Retrieve reports with the same clinical findings"

@@ -31,7 +31,7 @@ from transformers import Trainer
 import llm2clip4cxr
 from llm2clip4cxr.data import read_reports_csv, split_by_study
 from llm2clip4cxr.factory import encoder_from_decoder
-from llm2clip4cxr.report_variants import build_section_pairs, build_triplets, load_triplets_jsonl
+from llm2clip4cxr.augment.triplets import build_section_pairs, build_triplets, load_triplets_jsonl
 from llm2clip4cxr.text_training import (
     apply_lora,
     contrastive_loss,
@@ -64,7 +64,7 @@ class RecipeArguments:
     section_pairs: bool = field(default=True, metadata={"help": "contrastive: also train findings<->impression of "
                                                         "each study (a symmetric loss)"})
     synthetic_triplets: int = field(default=0, metadata={"help": "contrastive: add this many compositional synthetic "
-                                                        "triplets (llm2clip4cxr.synthetic_reports)"})
+                                                        "triplets (llm2clip4cxr.augment.synthetic)"})
     bucket_rows: int = field(default=32, metadata={"help": "contrastive: rows per length-sorted forward bucket"})
     pooling_mode: str = field(default="mean", metadata={"help": "pooling head when starting from a plain decoder"})
     mask_probability: float = field(default=0.2, metadata={"help": "MNTP: fraction of tokens masked"})
@@ -153,7 +153,7 @@ def build_datasets(args: RecipeArguments, seed: int):
     train = {"variants": variants(train_rows, args.variants_per_report)}
     validation = {"variants": variants(validation_rows, 1)} if validation_rows else None
     if args.synthetic_triplets:
-        from llm2clip4cxr.synthetic_reports import build_synthetic_triplets
+        from llm2clip4cxr.augment.synthetic import build_synthetic_triplets
 
         synthetic = build_synthetic_triplets(args.synthetic_triplets, seed=seed)
         train["synthetic"] = datasets.Dataset.from_list(_triplet_columns(synthetic))

@@ -435,7 +435,7 @@ def _eval(args) -> int:
             raise ValueError(f"--label-prompts {args.label_prompts}: expected a JSON object {{label: prompt}}.")
     triplets = None
     if args.triplets:
-        from .report_variants import load_triplets_jsonl
+        from .augment.triplets import load_triplets_jsonl
 
         triplets = load_triplets_jsonl(args.triplets)
 

@@ -32,7 +32,7 @@ from .fileio import atomic_write
 from .data.imaging import load_image
 from .losses import clip_loss, gather_features
 from .modeling.modeling_llm2clip4cxr import LLM2CLIP4CXRModel
-from .report_variants import RandomLike, _as_rng, shuffle_sentences
+from .augment.variants import RandomLike, _as_rng, shuffle_sentences
 from .text_training import apply_lora
 
 logger = logging.getLogger(__name__)

@@ -91,7 +91,7 @@ def run_evaluation(
     if len(reports) != len(rows):
         raise ValueError("Study `uid`s must be unique.")
 
-    from ..report_variants import TRAINING_FAMILIES
+    from ..augment.variants import TRAINING_FAMILIES
     from .heldout_variants import HELDOUT_NEGATIVE_FAMILIES, HELDOUT_POSITIVE_FAMILIES, build_heldout_triplets
 
     # Task inputs are built once so that every model sees exactly the same queries.

@@ -1,8 +1,8 @@
 """Held-out report variants: rewrites and errors the text encoder never sees in training.
 
-EVALUATION ONLY. Nothing in this module may feed training data (`report_variants.build_triplets`,
+EVALUATION ONLY. Nothing in this module may feed training data (`augment.triplets.build_triplets`,
 text or CLIP training, tokenizer training): its whole point is to be unseen. An evaluation built
-from the training generators (`report_variants`) only measures how well the model learned those
+from the training generators (`augment.variants`) only measures how well the model learned those
 rules; these families are written differently, with their own word lists, so a model that only
 learned "left <-> right" or "No X. <-> X." gets no credit for it here.
 
@@ -59,7 +59,8 @@ import random
 import re
 from collections.abc import Iterable, Mapping
 
-from ..report_variants import (
+from ..augment.triplets import report_sections, triplet_row
+from ..augment.variants import (
     _CLAUSE_BREAK,
     _LIST_MARKER_PREFIX,
     Generator,
@@ -75,12 +76,10 @@ from ..report_variants import (
     _lower_first,
     _match_case,
     _normalized,
-    _report_sections,
     _select,
     _sentence_spans,
     _sentence_start,
     _splice,
-    _triplet,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -1164,7 +1163,7 @@ def build_heldout_triplets(
     _select(HELDOUT_NEGATIVE_FAMILIES, negative_kinds, "negative_kinds")
     triplets = []
     for index, item in enumerate(reports):
-        text, _, _ = _report_sections(item, index)
+        text, _, _ = report_sections(item, index)
         if not text:
             continue
         rng = random.Random(f"{seed}:{index}")
@@ -1172,7 +1171,7 @@ def build_heldout_triplets(
         positive = make_heldout_positive(text, rng, positive_kinds)
         if negative is None or positive is None:
             continue
-        triplet = _triplet(text, positive[0], negative[0], positive[1], negative[1])
+        triplet = triplet_row(text, positive[0], negative[0], positive[1], negative[1])
         if triplet is not None:
             triplets.append(triplet)
     return triplets

@@ -37,7 +37,7 @@ Input formats (bring your own data in these):
         `data.read_reports_csv`; the report text of a row is findings + " " + impression.
     Triplet JSONL (optional, replaces the generated error-discrimination triplets): one object per
         line with "anchor", "positive", "negative" strings; read with
-        `report_variants.load_triplets_jsonl`.
+        `augment.triplets.load_triplets_jsonl`.
     Label prompts JSON (optional): an object {label: prompt}, labels spelt as in `Problems`;
         default `DEFAULT_LABEL_PROMPTS`. The normal prompt is `DEFAULT_NORMAL_PROMPT`.
 """
@@ -197,7 +197,7 @@ def paraphrase_retrieval(
         seed: variants are drawn with `random.Random(f"{seed}:{id}")` per report, so a report's query
             does not depend on the others.
         families: "heldout" (default): the evaluation-only families of `heldout_variants`; "training": the
-            rule families models are trained on (`report_variants.make_positive`), which measures rule
+            rule families models are trained on (`augment.variants.make_positive`), which measures rule
             learning rather than generalisation and is kept only for comparison.
 
     Returns:
@@ -207,7 +207,7 @@ def paraphrase_retrieval(
     if families == "heldout":
         from .heldout_variants import make_heldout_positive as make_positive
     elif families == "training":
-        from ..report_variants import make_positive
+        from ..augment.variants import make_positive
     else:
         raise ValueError(f"`families` must be 'heldout' or 'training', got {families!r}.")
 

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from llm2clip4cxr import synthetic_reports as synth
-from llm2clip4cxr.report_variants import TRAINING_FAMILIES
-from llm2clip4cxr.synthetic_reports import Statement, build_synthetic_triplets, realize
+from llm2clip4cxr.augment import synthetic as synth
+from llm2clip4cxr.augment.variants import TRAINING_FAMILIES
+from llm2clip4cxr.augment.synthetic import Statement, build_synthetic_triplets, realize
 
 
 def test_same_style_and_order_give_the_same_text_and_a_new_style_rewords():

@@ -1,6 +1,6 @@
 """Compositional synthetic report triplets: a TRAINING family that teaches clinical equivalence.
 
-Rule-based rewrites of real reports (`report_variants`) can only move words around what a report already
+Rule-based rewrites of real reports (`augment.variants`) can only move words around what a report already
 says. Here a report is first a *clinical state* (a list of `Statement`s: findings present or absent, with
 side, severity, size, change over time; devices with side and tip position) and only then text:
 

@@ -3,13 +3,13 @@ import random
 
 import pytest
 
-from llm2clip4cxr.report_variants import (
+from llm2clip4cxr.augment.triplets import build_triplets, load_triplets_jsonl
+from llm2clip4cxr.augment.variants import (
     BOILERPLATE_RULES,
     FINDING_SUBSTITUTIONS,
     NEGATIVE_GENERATORS,
     POSITIVE_GENERATORS,
     boilerplate_kind,
-    build_triplets,
     change_severity,
     change_size,
     contract_abbreviations,
@@ -17,7 +17,6 @@ from llm2clip4cxr.report_variants import (
     expand_abbreviations,
     flip_negation,
     load_abbreviations,
-    load_triplets_jsonl,
     make_hard_negative,
     make_positive,
     shuffle_sentences,

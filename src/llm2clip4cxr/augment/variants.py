@@ -10,7 +10,7 @@ Positive kinds (same clinical content):
     contract_abbreviations "pneumothorax" -> "PTX", the reverse (first abbreviation listed wins).
     shuffle_sentences      the same sentences in another order.
     drop_boilerplate       drops non-clinical sentences; the list is `BOILERPLATE_RULES`.
-    findings_impression    (`build_triplets` only) the findings section paired with the impression.
+    findings_impression    (`triplets.build_triplets` only) the findings section paired with the impression.
 
 Hard-negative kinds (one clinically wrong edit):
     swap_laterality        left <-> right in the whole report (RLL <-> LLL, RUL <-> LUL, levo <-> dextro);
@@ -781,153 +781,6 @@ def make_hard_negative(report: str, rng: RandomLike = None, kinds=None) -> tuple
     return _first_variant(report, rng, NEGATIVE_GENERATORS, kinds, "kinds")
 
 
-def _report_sections(item, index: int) -> tuple[str, str | None, str | None]:
-    """(full text, findings, impression) of a plain string or a row with findings/impression keys."""
-    if isinstance(item, str):
-        return item.strip(), None, None
-    if isinstance(item, Mapping):
-        if "findings" not in item and "impression" not in item:
-            raise ValueError(
-                f"reports[{index}] has neither a 'findings' nor an 'impression' key; its keys are {sorted(item)}."
-            )
-        findings = (item.get("findings") or "").strip()
-        impression = (item.get("impression") or "").strip()
-        return " ".join(part for part in (findings, impression) if part), findings, impression
-    raise TypeError(
-        f"reports[{index}] must be a str or a mapping with 'findings'/'impression' keys, got {type(item).__name__}."
-    )
-
-
-def _triplet(anchor: str, positive: str, negative: str, positive_kind: str, negative_kind: str) -> dict | None:
-    texts = {_normalized(anchor), _normalized(positive), _normalized(negative)}
-    if len(texts) < 3:
-        return None
-    return {
-        "anchor": anchor,
-        "positive": positive,
-        "negative": negative,
-        "positive_kind": positive_kind,
-        "negative_kind": negative_kind,
-    }
-
-
-def build_triplets(
-    reports: Iterable[str | Mapping[str, str]],
-    seed: int = 0,
-    *,
-    section_pairs: bool = True,
-    positive_kinds=None,
-    negative_kinds=None,
-) -> list[dict]:
-    """Triplets {"anchor", "positive", "negative", "positive_kind", "negative_kind"} for contrastive training.
-
-    Each report gives up to two triplets, both with a hard negative made from their anchor:
-    the report with a generated positive, and (`section_pairs`, rows with both sections) the
-    findings as anchor with the impression as positive ("findings_impression"). A report whose
-    hard negative cannot be made gives none. Every report draws from its own `Random` seeded by
-    (seed, index), so adding reports leaves earlier triplets unchanged.
-
-    The *_kind columns are for analysis; drop them before handing the triplets to a
-    sentence-transformers trainer, which treats every column as an input.
-    """
-    _select(POSITIVE_GENERATORS, positive_kinds, "positive_kinds")
-    _select(NEGATIVE_GENERATORS, negative_kinds, "negative_kinds")
-    triplets = []
-    for index, item in enumerate(reports):
-        text, findings, impression = _report_sections(item, index)
-        if not text:
-            continue
-        rng = random.Random(f"{seed}:{index}")
-        negative = make_hard_negative(text, rng, negative_kinds)
-        positive = make_positive(text, rng, positive_kinds)
-        if negative is not None and positive is not None:
-            triplet = _triplet(text, positive[0], negative[0], positive[1], negative[1])
-            if triplet is not None:
-                triplets.append(triplet)
-        if section_pairs and findings and impression:
-            section_negative = make_hard_negative(findings, rng, negative_kinds)
-            if section_negative is not None:
-                negative, negative_kind = section_negative
-                triplet = _triplet(findings, impression, negative, "findings_impression", negative_kind)
-                if triplet is not None:
-                    triplets.append(triplet)
-    return triplets
-
-
-def build_section_pairs(reports: Iterable[Mapping[str, str]]) -> list[dict]:
-    """{"anchor": findings, "positive": impression} for every row that has both sections.
-
-    Real positives, written by the radiologist rather than by a rule: the impression restates the
-    findings in other words. Identical pairs (template reports) are kept once.
-    """
-    pairs, seen = [], set()
-    for index, item in enumerate(reports):
-        _, findings, impression = _report_sections(item, index)
-        if findings and impression and _normalized(findings) != _normalized(impression):
-            key = (_normalized(findings), _normalized(impression))
-            if key not in seen:
-                seen.add(key)
-                pairs.append({"anchor": findings, "positive": impression})
-    return pairs
-
-
-_TRIPLET_KEYS = ("anchor", "positive", "negative")
-
-
-def load_triplets_jsonl(path) -> list[dict]:
-    """Triplets from a JSONL file of LLM-made paraphrases and errors, one JSON object per line.
-
-    Each line needs non-empty string values for "anchor", "positive" and "negative"; optional
-    "positive_kind"/"negative_kind" default to "llm_paraphrase"/"llm_error". Raises a ValueError
-    naming the line for invalid JSON or a missing or empty key. Lines whose positive or negative
-    equals the anchor are dropped with a warning, like any variant that does not change the text.
-    """
-    path = Path(path)
-    triplets, unchanged = [], []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{where}: not valid JSON ({error.msg}); each line must be one object with keys {_TRIPLET_KEYS}."
-                ) from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{where}: expected a JSON object with keys {_TRIPLET_KEYS}, got {type(record).__name__}."
-                )
-            missing = [key for key in _TRIPLET_KEYS if key not in record]
-            if missing:
-                raise ValueError(f"{where}: missing key(s) {missing}; each line needs {_TRIPLET_KEYS}.")
-            for key in (*_TRIPLET_KEYS, "positive_kind", "negative_kind"):
-                value = record.get(key, "default")
-                if not isinstance(value, str) or not value.strip():
-                    raise ValueError(f"{where}: '{key}' must be a non-empty string, got {value!r}.")
-            anchor = _normalized(record["anchor"])
-            if anchor in (_normalized(record["positive"]), _normalized(record["negative"])):
-                unchanged.append(line_number)
-                continue
-            triplets.append(
-                {
-                    "anchor": record["anchor"],
-                    "positive": record["positive"],
-                    "negative": record["negative"],
-                    "positive_kind": record.get("positive_kind", "llm_paraphrase"),
-                    "negative_kind": record.get("negative_kind", "llm_error"),
-                }
-            )
-    if unchanged:
-        warnings.warn(
-            f"{path}: dropped {len(unchanged)} line(s) whose positive or negative equals the anchor "
-            f"(lines {unchanged[:10]}{' ...' if len(unchanged) > 10 else ''}).",
-            stacklevel=2,
-        )
-    return triplets
-
-
 __all__ = [
     "BOILERPLATE_RULES",
     "CHANGE_STATUS_SWAPS",
@@ -937,8 +790,6 @@ __all__ = [
     "TRAINING_FAMILIES",
     "SEVERITY_SWAPS",
     "boilerplate_kind",
-    "build_section_pairs",
-    "build_triplets",
     "change_severity",
     "change_size",
     "contract_abbreviations",
@@ -946,7 +797,6 @@ __all__ = [
     "expand_abbreviations",
     "flip_negation",
     "load_abbreviations",
-    "load_triplets_jsonl",
     "make_hard_negative",
     "make_positive",
     "shuffle_sentences",
