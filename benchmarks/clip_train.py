@@ -18,11 +18,11 @@ import transformers
 from transformers import CLIPVisionConfig
 
 from llm2clip4cxr import LLM2CLIP4CXRConfig, LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRModel, LLM2CLIP4CXRProcessor
-from llm2clip4cxr.clip_training import ClipTrainer, ClipTrainingModel, build_caption, cache_text_embeddings
+from llm2clip4cxr.training.clip import ClipTrainer, ClipTrainingModel, build_caption, cache_text_embeddings
 from llm2clip4cxr.data import read_reports_csv
 from llm2clip4cxr.defaults import shared_data_dir
-from llm2clip4cxr.factory import build_text_encoder
-from llm2clip4cxr.tokenization import train_report_tokenizer
+from llm2clip4cxr.training.factory import build_text_encoder
+from llm2clip4cxr.training.tokenization import train_report_tokenizer
 
 
 def count(module) -> str:

@@ -15,8 +15,8 @@ import torch
 import transformers
 
 from llm2clip4cxr.data import openi_report_texts
-from llm2clip4cxr.factory import build_text_encoder
-from llm2clip4cxr.tokenization import train_report_tokenizer
+from llm2clip4cxr.training.factory import build_text_encoder
+from llm2clip4cxr.training.tokenization import train_report_tokenizer
 
 INSTRUCTION = "Retrieve reports with the same findings"
 

@@ -72,9 +72,9 @@ def non_embedding_parameters(model) -> int:
 
 
 def build_text_model(shape: str, device, dtype):
-    from llm2clip4cxr.factory import build_text_encoder
+    from llm2clip4cxr.training.factory import build_text_encoder
     from llm2clip4cxr.augment.synthetic import build_synthetic_triplets
-    from llm2clip4cxr.tokenization import train_report_tokenizer
+    from llm2clip4cxr.training.tokenization import train_report_tokenizer
 
     texts = [t["anchor"] for t in build_synthetic_triplets(2000, seed=1)]
     tokenizer = train_report_tokenizer(texts, vocab_size=4096)
@@ -161,7 +161,7 @@ def image_rate(shape: str, device, dtype, peak) -> dict:
 
 
 def training_rates(model, reports, device, peak, sizes, mini_batch_size: int) -> dict:
-    from llm2clip4cxr.text_training import contrastive_loss, sentence_transformer_for
+    from llm2clip4cxr.training.text import contrastive_loss, sentence_transformer_for
 
     model.train()
     model.float() if device.type == "cpu" else None

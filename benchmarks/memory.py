@@ -72,8 +72,8 @@ MAKE_CLIP = textwrap.dedent("""
     from llm2clip4cxr import (LLM2CLIP4CXRConfig, LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRModel,
                               LLM2CLIP4CXRProcessor)
     from llm2clip4cxr.data import openi_report_texts
-    from llm2clip4cxr.factory import build_text_encoder
-    from llm2clip4cxr.tokenization import train_report_tokenizer
+    from llm2clip4cxr.training.factory import build_text_encoder
+    from llm2clip4cxr.training.tokenization import train_report_tokenizer
 
     tokenizer = train_report_tokenizer(openi_report_texts()[:800], vocab_size=600)
     text = build_text_encoder(tokenizer, family="llama", backbone_kwargs={"hidden_size": 64, "num_layers": 2})

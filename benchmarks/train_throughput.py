@@ -17,10 +17,10 @@ import torch
 import transformers
 
 from llm2clip4cxr.data import openi_report_texts
-from llm2clip4cxr.factory import build_text_encoder
+from llm2clip4cxr.training.factory import build_text_encoder
 from llm2clip4cxr.augment.triplets import build_triplets
-from llm2clip4cxr.text_training import contrastive_loss, mntp_collator, mntp_model_for, sentence_transformer_for
-from llm2clip4cxr.tokenization import train_report_tokenizer
+from llm2clip4cxr.training.text import contrastive_loss, mntp_collator, mntp_model_for, sentence_transformer_for
+from llm2clip4cxr.training.tokenization import train_report_tokenizer
 
 
 def time_steps(step, batches, warmup: int = 2) -> float:

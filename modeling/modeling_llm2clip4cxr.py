@@ -45,7 +45,7 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
 def clip_loss(similarity: torch.Tensor) -> torch.Tensor:
     """Symmetric CLIP loss on a (N, N) similarity matrix whose row i and column i are a matching pair.
 
-    Same math as `llm2clip4cxr.losses.clip_loss` on a single process (tests check they agree); that
+    Same math as `llm2clip4cxr.training.losses.clip_loss` on a single process (tests check they agree); that
     one also gathers the batch across processes.
     """
     return (contrastive_loss(similarity) + contrastive_loss(similarity.T)) / 2

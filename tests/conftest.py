@@ -4,8 +4,8 @@ import pytest
 import transformers
 
 from llm2clip4cxr.data import openi_report_texts
-from llm2clip4cxr.factory import build_text_encoder
-from llm2clip4cxr.tokenization import train_report_tokenizer
+from llm2clip4cxr.training.factory import build_text_encoder
+from llm2clip4cxr.training.tokenization import train_report_tokenizer
 
 from .shared_data import HAVE_OPENI, OPENI_REPORTS
 

@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoConfig, GPT2Config, LlamaConfig
 
 from llm2clip4cxr import LLM2Vec4CXRConfig
-from llm2clip4cxr.factory import backbone_config_dict
+from llm2clip4cxr.training.factory import backbone_config_dict
 
 from .conftest import FAMILIES
 

@@ -28,7 +28,7 @@ from llm2clip4cxr import (
     LLM2CLIP4CXRModel,
     LLM2CLIP4CXRProcessor,
 )
-from llm2clip4cxr.losses import clip_loss as gathered_clip_loss
+from llm2clip4cxr.training.losses import clip_loss as gathered_clip_loss
 from llm2clip4cxr.modeling.modeling_llm2clip4cxr import clip_loss
 from llm2clip4cxr.zero_shot import zero_shot_classify
 

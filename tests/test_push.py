@@ -13,7 +13,7 @@ import llm2clip4cxr.hub as hub
 from llm2clip4cxr.cli import main
 from llm2clip4cxr.defaults import default_model_path
 from llm2clip4cxr.hub import CheckpointVerificationError, merge_adapter, push_to_hub, verify_checkpoint
-from llm2clip4cxr.text_training import apply_lora
+from llm2clip4cxr.training.recipe import apply_lora
 
 from .conftest import INSTRUCTION
 

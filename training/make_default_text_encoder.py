@@ -38,12 +38,12 @@ from llm2clip4cxr import LLM2Vec4CXRModel  # noqa: E402
 from llm2clip4cxr.data import read_reports_csv, split_by_study  # noqa: E402
 from llm2clip4cxr.defaults import shared_data_dir  # noqa: E402
 from llm2clip4cxr.evaluation import harness, report_tasks  # noqa: E402
-from llm2clip4cxr.factory import build_text_encoder  # noqa: E402
+from llm2clip4cxr.training.factory import build_text_encoder  # noqa: E402
 from llm2clip4cxr.hybrid import HybridScorer  # noqa: E402
 from llm2clip4cxr.augment.variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS  # noqa: E402
 from llm2clip4cxr.augment.synthetic import FAMILY as SYNTHETIC_FAMILY  # noqa: E402
 from llm2clip4cxr.augment.synthetic import build_synthetic_triplets  # noqa: E402
-from llm2clip4cxr.tokenization import train_report_tokenizer  # noqa: E402
+from llm2clip4cxr.training.tokenization import train_report_tokenizer  # noqa: E402
 
 INSTRUCTION = "Retrieve reports with the same clinical findings"
 INSTRUCTION_NAME = "retrieval"

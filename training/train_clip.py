@@ -33,7 +33,7 @@ import transformers
 from transformers import AutoModel, AutoProcessor
 
 from llm2clip4cxr import LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRModel, LLM2CLIP4CXRProcessor  # registers Auto classes
-from llm2clip4cxr.clip_training import (
+from llm2clip4cxr.training.clip import (
     ClipCollator,
     ClipTrainer,
     ClipTrainingModel,
@@ -41,7 +41,7 @@ from llm2clip4cxr.clip_training import (
     build_caption,
     cache_text_embeddings,
 )
-from llm2clip4cxr.text_training import last_complete_checkpoint, parse_recipe_arguments, save_pretrained_atomically
+from llm2clip4cxr.training.recipe import last_complete_checkpoint, parse_recipe_arguments, save_pretrained_atomically
 
 
 @dataclass

@@ -30,16 +30,18 @@ from transformers import Trainer
 
 import llm2clip4cxr
 from llm2clip4cxr.data import read_reports_csv, split_by_study
-from llm2clip4cxr.factory import encoder_from_decoder
+from llm2clip4cxr.training.factory import encoder_from_decoder
 from llm2clip4cxr.augment.triplets import build_section_pairs, build_triplets, load_triplets_jsonl
-from llm2clip4cxr.text_training import (
+from llm2clip4cxr.training.recipe import (
     apply_lora,
-    contrastive_loss,
     last_complete_checkpoint,
-    mntp_collator,
-    mntp_model_for,
     parse_recipe_arguments,
     save_pretrained_atomically,
+)
+from llm2clip4cxr.training.text import (
+    contrastive_loss,
+    mntp_collator,
+    mntp_model_for,
     sentence_transformer_for,
     set_attention_dropout,
 )

@@ -199,7 +199,7 @@ def test_training_recipes_take_a_prepared_folder(make_encoder, tmp_path):
     """FABRICATED PAIRING (smoke test): both recipes train a couple of steps on a prepared CheXpert Plus layout."""
     from transformers import AutoModel
 
-    from ..test_clip_training import TINY_VISION
+    from ..training.test_clip import TINY_VISION
 
     folder = make_chexpert_plus(tmp_path)
     prepare(folder, tmp_path / "prepared", PrepareOptions(image_size=40, split="patient", validation_fraction=0.3,

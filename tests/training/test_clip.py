@@ -13,21 +13,21 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor, CLIPVisionConfig
 
 from llm2clip4cxr import LLM2CLIP4CXRConfig, LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRModel, LLM2CLIP4CXRProcessor
-from llm2clip4cxr.clip_training import (
+from llm2clip4cxr.training.clip import (
     ClipCollator,
     ClipTrainer,
     ClipTrainingModel,
     apply_text_lora,
     build_caption,
     cache_text_embeddings,
-    supervised_contrastive_loss,
 )
+from llm2clip4cxr.training.losses import supervised_contrastive_loss
 from llm2clip4cxr.augment.variants import split_sentences
 
-from .shared_data import XRV as SAMPLES
-from .shared_data import needs_samples
+from ..shared_data import ROOT as REPO
+from ..shared_data import XRV as SAMPLES
+from ..shared_data import needs_samples
 
-REPO = Path(__file__).resolve().parents[1]
 SAMPLE_PNGS = sorted(SAMPLES.rglob("*.png")) if SAMPLES.is_dir() else []
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 FINDINGS = [

@@ -1,7 +1,7 @@
 """Build LLM2Vec4CXR encoders from scratch (small CXR-only backbones, test and benchmark models)."""
 
-from .modeling.configuration_llm2vec4cxr import LLM2Vec4CXRConfig
-from .modeling.modeling_llm2vec4cxr import LLM2Vec4CXRModel
+from ..modeling.configuration_llm2vec4cxr import LLM2Vec4CXRConfig
+from ..modeling.modeling_llm2vec4cxr import LLM2Vec4CXRModel
 
 
 def backbone_config_dict(
@@ -58,7 +58,7 @@ def encoder_from_decoder(path, pooling_mode: str = "mean", tokenizer=None, trust
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from .checkpoints import remote_code_guard
+    from ..checkpoints import remote_code_guard
 
     with remote_code_guard(path, trust_remote_code) as remote:
         backbone_config = AutoConfig.from_pretrained(path, **remote)

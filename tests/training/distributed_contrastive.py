@@ -1,7 +1,7 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): each rank computes
 sentence-transformers' MultipleNegativesRankingLoss, gathered across processes, on its half of a fixed
 batch through DDP; rank 0 saves the mean loss and the (DDP-averaged) gradients for
-tests/test_text_training.py to compare with one process on the whole batch."""
+tests/training/test_text.py to compare with one process on the whole batch."""
 
 import json
 import sys
@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from llm2clip4cxr import LLM2Vec4CXRModel
-from llm2clip4cxr.text_training import contrastive_loss, sentence_transformer_for
+from llm2clip4cxr.training.text import contrastive_loss, sentence_transformer_for
 
 
 def main(model_dir, rows_file, out_file):

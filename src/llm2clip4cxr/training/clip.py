@@ -28,12 +28,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
-from .fileio import atomic_write
-from .data.imaging import load_image
-from .losses import clip_loss, gather_features
-from .modeling.modeling_llm2clip4cxr import LLM2CLIP4CXRModel
-from .augment.variants import RandomLike, _as_rng, shuffle_sentences
-from .text_training import apply_lora
+from ..augment.variants import RandomLike, _as_rng, shuffle_sentences
+from ..data.imaging import load_image
+from ..fileio import atomic_write
+from ..modeling.modeling_llm2clip4cxr import LLM2CLIP4CXRModel
+from .losses import clip_loss, supervised_contrastive_loss
+from .recipe import apply_lora
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ __all__ = [
     "apply_text_lora",
     "build_caption",
     "cache_text_embeddings",
-    "supervised_contrastive_loss",
 ]
 
 # Attention projections of the text tower's decoder layers (Llama/Mistral/Qwen names). Anchored on
@@ -94,58 +93,6 @@ def build_caption(
     if rng.random() < shuffle_p:
         caption = shuffle_sentences(caption, rng) or caption
     return caption if instruction is None else f"{instruction}{instruction_separator}{caption}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------
-
-
-def supervised_contrastive_loss(
-    features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07, gather: bool = True
-) -> torch.Tensor:
-    """Supervised contrastive loss (Khosla et al. 2020, L_out): every other sample with the same label
-    is a positive of an anchor.
-
-    For anchor i with positives P(i) (same label, j != i) among the candidates A(i) (all j != i):
-    `loss_i = -mean_{p in P(i)} log(exp(z_i.z_p / t) / sum_{a in A(i)} exp(z_i.z_a / t))` on
-    L2-normalised features; the loss is the mean over the local anchors that have a positive (0 if none
-    has). Candidates are gathered from every process (anchors stay local, as `losses.clip_loss`).
-
-    Args:
-        features (`torch.Tensor` of shape `(local_batch, dim)`): embeddings, e.g. images and their
-            reports stacked (each pair then shares its label).
-        labels (`torch.Tensor` of shape `(local_batch,)`): integer class of each row.
-        temperature (`float`, defaults to 0.07): softmax temperature.
-        gather (`bool`, defaults to `True`): use every process's rows as candidates.
-
-    Returns:
-        `torch.Tensor`: the scalar loss.
-    """
-    if features.dim() != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(
-            f"`features` must be (batch, dim) and `labels` (batch,), got {tuple(features.shape)} and "
-            f"{tuple(labels.shape)}."
-        )
-    if temperature <= 0:
-        raise ValueError(f"`temperature` must be positive, got {temperature}.")
-    features = F.normalize(features, p=2, dim=-1)
-    candidates, rank, labels_all = features, 0, labels
-    if gather:
-        candidates, rank, _ = gather_features(features)
-        labels_all, _, _ = gather_features(labels, gather_with_grad=False)
-    local = features.shape[0]
-    logits = features @ candidates.T / temperature  # (local, global)
-    is_self = torch.zeros_like(logits, dtype=torch.bool)
-    is_self[torch.arange(local), torch.arange(local) + rank * local] = True
-    positive = (labels[:, None] == labels_all[None, :]) & ~is_self
-    log_prob = logits - torch.logsumexp(logits.masked_fill(is_self, float("-inf")), dim=1, keepdim=True)
-    counts = positive.sum(dim=1)
-    has_positive = counts > 0
-    if not has_positive.any():
-        return features.sum() * 0.0  # keeps the graph, so DDP sees every parameter used
-    per_anchor = -(log_prob * positive).sum(dim=1)[has_positive] / counts[has_positive]
-    return per_anchor.mean()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,20 +14,19 @@ import transformers
 
 from llm2clip4cxr import LLM2Vec4CXRModel
 from llm2clip4cxr.augment.triplets import build_triplets
-from llm2clip4cxr.text_training import (
-    apply_lora,
+from llm2clip4cxr.training.recipe import apply_lora, last_complete_checkpoint
+from llm2clip4cxr.training.text import (
     contrastive_loss,
-    last_complete_checkpoint,
     mntp_collator,
     mntp_model_for,
     sentence_transformer_for,
     set_attention_dropout,
 )
 
-from .shared_data import OPENI_REPORTS as REPORTS_CSV
-from .shared_data import needs_openi
+from ..shared_data import ROOT as REPO
+from ..shared_data import OPENI_REPORTS as REPORTS_CSV
+from ..shared_data import needs_openi
 
-REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "training" / "train_text_encoder.py"
 
 
@@ -98,7 +97,7 @@ def test_distributed_loss_and_gradients_equal_one_process(saved_tiny_encoder, re
     # torchrun launcher, and Accelerator(cpu=True) in the script then joins a gloo group on CPU.
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "tests" / "distributed_contrastive.py"),
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).with_name("distributed_contrastive.py")),
         str(saved_tiny_encoder), str(tmp_path / "rows.json"), str(out),
     ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from llm2clip4cxr.losses import ClipLoss, InfoNCELoss, clip_loss, gather_features, info_nce_loss, simcse_loss
+from llm2clip4cxr.training.losses import clip_loss, gather_features
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -28,17 +28,6 @@ ATOL = RTOL = 1e-5
 
 
 # ---------------------------------------------------------------- references
-
-
-def _reference_info_nce(anchors, positives, negatives, scale):
-    """Explicit loop: -log softmax of the positive among all positives and negatives, per anchor."""
-    a = F.normalize(anchors, dim=-1)
-    candidates = F.normalize(torch.cat([positives, negatives]) if negatives is not None else positives, dim=-1)
-    total = 0.0
-    for i in range(len(a)):
-        sims = torch.stack([scale * torch.dot(a[i], c) for c in candidates])
-        total = total - (sims[i] - torch.logsumexp(sims, dim=0))
-    return total / len(a)
 
 
 def _reference_clip(image, text, logit_scale):
@@ -58,23 +47,10 @@ def _toy_embeddings(seed=0, n=6, dim=5):
     return [torch.randn(n, dim, generator=generator) for _ in range(3)]
 
 
-def test_info_nce_matches_reference():
-    anchors, positives, negatives = _toy_embeddings()
-    for negs in (None, negatives, negatives[:2]):
-        expected = _reference_info_nce(anchors, positives, negs, scale=20.0)
-        torch.testing.assert_close(info_nce_loss(anchors, positives, negs, scale=20.0), expected)
-
-
-def test_simcse_is_info_nce_without_negatives():
-    view_a, view_b, _ = _toy_embeddings(seed=1)
-    torch.testing.assert_close(simcse_loss(view_a, view_b), _reference_info_nce(view_a, view_b, None, scale=20.0))
-
-
 def test_clip_loss_matches_reference():
     image, text, _ = _toy_embeddings(seed=2)
     scale = torch.tensor(LOGIT_SCALE)
     torch.testing.assert_close(clip_loss(image, text, scale), _reference_clip(image, text, scale))
-    torch.testing.assert_close(ClipLoss()(image, text, scale), _reference_clip(image, text, scale))
 
 
 def test_gather_is_a_no_op_without_process_group():
@@ -110,27 +86,17 @@ def _toy_problem():
     image_encoder = nn.Linear(TEXT_IN_DIM, EMBED_DIM)
     log_scale = nn.Parameter(torch.tensor(math.log(LOGIT_SCALE)))
     generator = torch.Generator().manual_seed(1)
-    anchors, positives, negatives = (torch.randn(GLOBAL_BATCH, IN_DIM, generator=generator) for _ in range(3))
     images = torch.randn(GLOBAL_BATCH, TEXT_IN_DIM, generator=generator)
     texts = torch.randn(GLOBAL_BATCH, IN_DIM, generator=generator)
-    return text_encoder, image_encoder, log_scale, (anchors, positives, negatives), (images, texts)
+    return text_encoder, image_encoder, log_scale, (images, texts)
 
 
 def _losses_and_grads(rows: slice, total: int, gather_with_grad: bool = True) -> dict[str, torch.Tensor]:
     """Each loss on `rows` of the global batch, weighted by len(rows) / total, with its gradients."""
-    text_encoder, image_encoder, log_scale, (anchors, positives, negatives), (images, texts) = _toy_problem()
+    text_encoder, image_encoder, log_scale, (images, texts) = _toy_problem()
     weight = len(range(total)[rows]) / total
     out = {}
 
-    info_nce = info_nce_loss(
-        text_encoder(anchors[rows]), text_encoder(positives[rows]), text_encoder(negatives[rows]),
-        gather_with_grad=gather_with_grad,
-    )
-    (weight * info_nce).backward()
-    out["info_nce_loss"] = weight * info_nce.detach()
-    out.update({f"info_nce_grad.{name}": p.grad.clone() for name, p in text_encoder.named_parameters()})
-
-    text_encoder.zero_grad()
     clip = clip_loss(
         image_encoder(images[rows]), text_encoder(texts[rows]), log_scale.exp(), gather_with_grad=gather_with_grad
     )
@@ -172,70 +138,31 @@ def distributed_results(tmp_path_factory):
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
 
-@pytest.mark.parametrize("loss_name", ["info_nce", "clip"])
-def test_two_rank_loss_and_gradients_equal_single_process(distributed_results, loss_name):
+def test_two_rank_loss_and_gradients_equal_single_process(distributed_results):
     single = _losses_and_grads(slice(None), GLOBAL_BATCH)  # no process group here: the full batch
-    keys = [key for key in single if key.startswith(loss_name)]
+    keys = [key for key in single if key.startswith("clip")]
     assert len(keys) > 2
     for rank, results in enumerate(distributed_results):
         for key in keys:
             torch.testing.assert_close(results[True][key], single[key], atol=ATOL, rtol=RTOL, msg=f"rank {rank}: {key}")
 
 
-@pytest.mark.parametrize("loss_name", ["info_nce", "clip"])
-def test_gather_without_grad_keeps_the_loss_but_drops_cross_rank_gradients(distributed_results, loss_name):
+def test_gather_without_grad_keeps_the_loss_but_drops_cross_rank_gradients(distributed_results):
     # Shows the equivalence test above can fail: without the autograd-aware gather, the loss value is
     # the same but each rank's features miss the gradient from the other rank's anchors.
     single = _losses_and_grads(slice(None), GLOBAL_BATCH)
     without_grad = distributed_results[0][False]
-    torch.testing.assert_close(without_grad[f"{loss_name}_loss"], single[f"{loss_name}_loss"], atol=ATOL, rtol=RTOL)
-    grad_keys = [key for key in single if key.startswith(f"{loss_name}_grad") and "log_scale" not in key]
+    torch.testing.assert_close(without_grad["clip_loss"], single["clip_loss"], atol=ATOL, rtol=RTOL)
+    grad_keys = [key for key in single if key.startswith("clip_grad") and "log_scale" not in key]
     max_diff = max((without_grad[key] - single[key]).abs().max().item() for key in grad_keys)
     assert max_diff > 1e-3
-
-
-# ---------------------------------------------------------------- module wrappers
-
-
-def test_info_nce_module_backpropagates_into_the_encoder(make_encoder, report_texts):
-    # Imported here, not at the top: the spawned ranks import this module and do not need conftest's imports.
-    from .conftest import INSTRUCTION
-
-    model = make_encoder().train()
-    loss_fn = InfoNCELoss(model, gather=False)
-    anchors = model.tokenize(report_texts[:4], instruction=INSTRUCTION)
-    positives = model.tokenize(report_texts[4:8])
-    negatives = model.tokenize(report_texts[8:12])
-    loss = loss_fn(anchors, positives, negatives)
-    assert loss.ndim == 0 and torch.isfinite(loss)
-    loss.backward()
-    missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing, f"no gradient reached {missing}"
-    assert all(p.grad.abs().sum() > 0 for name, p in model.model.named_parameters() if "layers." in name)
-
-
-def test_module_config_and_citation():
-    loss_fn = InfoNCELoss(nn.Identity(), scale=10.0, gather=False)
-    assert loss_fn.get_config_dict() == {"scale": 10.0, "gather": False, "gather_with_grad": True}
-    assert ClipLoss().get_config_dict() == {"gather": True, "gather_with_grad": True}
-    assert "LLM2Vec" in loss_fn.citation and "Radford" in ClipLoss().citation
 
 
 # ---------------------------------------------------------------- input validation
 
 
 def test_mismatched_shapes_raise_value_error_naming_them():
-    with pytest.raises(ValueError, match=r"`anchors` and `positives`.*\(4, 8\) and \(3, 8\)"):
-        info_nce_loss(torch.randn(4, 8), torch.randn(3, 8))
-    with pytest.raises(ValueError, match=r"`anchors` and `positives`.*\(4, 8\) and \(4, 6\)"):
-        info_nce_loss(torch.randn(4, 8), torch.randn(4, 6))
-    with pytest.raises(ValueError, match=r"`hard_negatives`.*dim 8.*\(4, 6\)"):
-        info_nce_loss(torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 6))
     with pytest.raises(ValueError, match=r"`image_embeds` and `text_embeds`.*\(4, 8\) and \(5, 8\)"):
         clip_loss(torch.randn(4, 8), torch.randn(5, 8), LOGIT_SCALE)
-    with pytest.raises(ValueError, match=r"`anchors` must be 2-D.*\(2, 3, 8\)"):
-        info_nce_loss(torch.randn(2, 3, 8), torch.randn(2, 3, 8))
     with pytest.raises(ValueError, match=r"`logit_scale` must be a scalar.*\(2,\)"):
         clip_loss(torch.randn(4, 8), torch.randn(4, 8), torch.ones(2))
-    with pytest.raises(ValueError, match=r"`scale` must be positive.*-1"):
-        info_nce_loss(torch.randn(4, 8), torch.randn(4, 8), scale=-1)

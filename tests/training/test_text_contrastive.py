@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from llm2clip4cxr.augment.triplets import build_section_pairs
-from llm2clip4cxr.text_training import contrastive_loss, sentence_transformer_for
+from llm2clip4cxr.training.text import contrastive_loss, sentence_transformer_for
 
-from .shared_data import OPENI_REPORTS as REPORTS_CSV
-from .shared_data import needs_openi
+from ..shared_data import ROOT as REPO
+from ..shared_data import OPENI_REPORTS as REPORTS_CSV
+from ..shared_data import needs_openi
 
-REPO = Path(__file__).resolve().parents[1]
 # GradCache recomputes each mini-batch in a second forward pass: float32 sums in another order.
 ATOL, RTOL = 1e-5, 1e-4
 
