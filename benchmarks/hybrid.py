@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from llm2clip4cxr.index import EmbeddingIndex
+from llm2clip4cxr.retrieval.index import EmbeddingIndex
 from llm2clip4cxr.augment.synthetic import build_synthetic_triplets
 
 

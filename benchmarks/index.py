@@ -30,7 +30,7 @@ import time
 import faiss
 import numpy as np
 
-from llm2clip4cxr.index import EmbeddingIndex
+from llm2clip4cxr.retrieval.index import EmbeddingIndex
 
 GENERATION_CHUNK = 100_000
 

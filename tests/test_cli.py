@@ -127,7 +127,7 @@ def test_index_build_then_search(make_encoder, tmp_path):
     hybrid = run_cli("index", "search", str(tmp_path / "index"), "Heart size is enlarged.", "--top-k", "3", "--json",
                      "--hybrid")
     assert hybrid.returncode == 0, hybrid.stderr
-    from llm2clip4cxr.index import EmbeddingIndex
+    from llm2clip4cxr.retrieval.index import EmbeddingIndex
 
     index = EmbeddingIndex.load(tmp_path / "index")
     query = F.normalize(LLM2Vec4CXRModel.from_pretrained(path).encode(["Heart size is enlarged."]), dim=-1).numpy()

@@ -244,7 +244,7 @@ def build(capsys, model, csv_path, output, *extra):
 
 def test_a_kill_while_rebuilding_never_pairs_new_vectors_with_the_old_instruction(make_encoder, tmp_path, capsys,
                                                                                  monkeypatch):
-    from llm2clip4cxr.index import EmbeddingIndex
+    from llm2clip4cxr.retrieval.index import EmbeddingIndex
 
     _, model = saved_model(make_encoder, tmp_path)
     csv_path, output = write_csv(tmp_path / "reports.csv"), tmp_path / "index"
@@ -294,7 +294,7 @@ def test_index_search_refuses_a_tampered_index(make_encoder, tmp_path, capsys, t
 def test_a_full_disk_during_build_is_one_line_and_keeps_the_old_index(make_encoder, tmp_path, capsys, monkeypatch):
     import faiss
 
-    from llm2clip4cxr.index import EmbeddingIndex
+    from llm2clip4cxr.retrieval.index import EmbeddingIndex
 
     _, model = saved_model(make_encoder, tmp_path)
     build(capsys, model, write_csv(tmp_path / "reports.csv"), tmp_path / "index")
@@ -315,7 +315,7 @@ def test_a_full_disk_during_build_is_one_line_and_keeps_the_old_index(make_encod
 
 
 def test_four_concurrent_builders_end_with_one_valid_index(make_encoder, tmp_path):
-    from llm2clip4cxr.index import EmbeddingIndex
+    from llm2clip4cxr.retrieval.index import EmbeddingIndex
 
     _, model = saved_model(make_encoder, tmp_path)
     output, other, shared_work = tmp_path / "index", tmp_path / "other", tmp_path / "shared-work"

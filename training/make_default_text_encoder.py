@@ -39,7 +39,8 @@ from llm2clip4cxr.data import read_reports_csv, split_by_study  # noqa: E402
 from llm2clip4cxr.defaults import shared_data_dir  # noqa: E402
 from llm2clip4cxr.evaluation import harness, report_tasks  # noqa: E402
 from llm2clip4cxr.training.factory import build_text_encoder  # noqa: E402
-from llm2clip4cxr.hybrid import HybridScorer  # noqa: E402
+from llm2clip4cxr.retrieval.encoders import llm2vec_encoder  # noqa: E402
+from llm2clip4cxr.retrieval.hybrid import HybridScorer  # noqa: E402
 from llm2clip4cxr.augment.variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS  # noqa: E402
 from llm2clip4cxr.augment.synthetic import FAMILY as SYNTHETIC_FAMILY  # noqa: E402
 from llm2clip4cxr.augment.synthetic import build_synthetic_triplets  # noqa: E402
@@ -107,7 +108,7 @@ def main(argv=None):
     minutes = round((time.time() - started) / 60, 1)
 
     model = LLM2Vec4CXRModel.from_pretrained(contrastive).eval()
-    dense = report_tasks.llm2vec_encoder(model)  # the trained instruction is the model's default
+    dense = llm2vec_encoder(model)  # the trained instruction is the model's default
     encoders = {
         "tfidf": report_tasks.tfidf_encoder([harness.report_text(row) for row in validation_rows]),
         "bm25": report_tasks.bm25_scorer(),

@@ -164,7 +164,7 @@ def _input_texts(args):
 
 def _embed_collection(dataset, encode, args, work_dir: Path, encoder_name: str):
     """Embed `dataset["text"]` in resumable chunks under `work_dir` (removed once the result is used)."""
-    from .embedding import embed_in_chunks
+    from .retrieval.embedding import embed_in_chunks
 
     return embed_in_chunks(
         dataset, encode, work_dir, chunk_size=args.chunk_size, encoder_name=encoder_name, progress=not args.json
@@ -173,7 +173,7 @@ def _embed_collection(dataset, encode, args, work_dir: Path, encoder_name: str):
 
 def _normalized_encoder(model, instruction, batch_size):
     """texts -> float32 (n, d) L2-normalised embeddings (the cosine space `similarity` also uses)."""
-    from .evaluation.report_tasks import llm2vec_encoder
+    from .retrieval.encoders import llm2vec_encoder
 
     return llm2vec_encoder(model, instruction=instruction, batch_size=batch_size)
 
@@ -273,7 +273,7 @@ def _similar(args) -> int:
     corpus = _embed(model, texts, args.instruction, args.batch_size)
     scores = corpus @ _embed(model, [args.query], args.instruction, args.batch_size)[0]
     if args.hybrid:
-        from .hybrid import BM25Index, fuse
+        from .retrieval.hybrid import BM25Index, fuse
 
         lexical = BM25Index().index(texts).scores([args.query])
         scores = fuse(scores[None, :], lexical, args.fusion)[0]
@@ -286,7 +286,7 @@ def _similar(args) -> int:
 def _index_build(args) -> int:
     import shutil
 
-    from .index import EmbeddingIndex
+    from .retrieval.index import EmbeddingIndex
 
     output = Path(args.output)
     work_dir = _work_dir(args, output)
@@ -320,7 +320,7 @@ def _index_build(args) -> int:
 
 
 def _index_search(args) -> int:
-    from .index import CONFIG_NAME, EmbeddingIndex
+    from .retrieval.index import CONFIG_NAME, EmbeddingIndex
 
     folder = Path(args.index)
     if not (folder / CONFIG_NAME).is_file():
@@ -416,6 +416,7 @@ def _eval(args) -> int:
     from .data.reports import read_reports_csv, split_by_study
     from .defaults import shared_data_dir
     from .evaluation import harness, report_tasks
+    from .retrieval.encoders import llm2vec_encoder
 
     if args.limit is not None and args.limit < 1:  # before looking for the data: a usage mistake comes first
         raise ValueError(f"--limit must be a positive number of studies, got {args.limit}.")
@@ -444,9 +445,9 @@ def _eval(args) -> int:
         model = _load_text_encoder(args.model, getattr(args, "trust_remote_code", False))
         name = Path(args.model).name if args.model else "llm2vec4cxr-tiny (default)"
         # instruction None: the one the checkpoint was trained with (config.default_instruction).
-        encoders[name] = report_tasks.llm2vec_encoder(model, instruction=args.instruction, batch_size=args.batch_size)
+        encoders[name] = llm2vec_encoder(model, instruction=args.instruction, batch_size=args.batch_size)
         if args.hybrid:
-            from .hybrid import HybridScorer
+            from .retrieval.hybrid import HybridScorer
 
             encoders[f"hybrid ({name} + bm25, {args.fusion})"] = HybridScorer(encoders[name], method=args.fusion)
     for baseline in args.baseline:

@@ -48,9 +48,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..retrieval.encoders import Encoder, normalized
 from .metrics import relevant_with_duplicates, retrieval_metrics
-
-Encoder = Callable[[Sequence[str]], np.ndarray]
 
 
 @runtime_checkable
@@ -78,21 +77,6 @@ def score_matrix(model: Model, queries: Sequence[str], corpus: Sequence[str]) ->
     return scores
 
 
-def _normalized(embeddings) -> np.ndarray:
-    embeddings = np.asarray(embeddings, dtype=np.float32)
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.clip(norms, 1e-12, None)
-
-
-def llm2vec_encoder(model, instruction: str | None = None, batch_size: int = 64) -> Encoder:
-    """An LLM2Vec4CXR model as an encoder (the instruction is prepended and pooled out)."""
-
-    def encode(texts):
-        return _normalized(model.encode(list(texts), instruction=instruction, batch_size=batch_size, convert_to_numpy=True))
-
-    return encode
-
-
 def sentence_transformer_encoder(model_name_or_path, batch_size: int = 64, **model_kwargs) -> Encoder:
     """A sentence-transformers model (a folder or an installed copy; nothing is downloaded offline)."""
     from sentence_transformers import SentenceTransformer
@@ -100,7 +84,7 @@ def sentence_transformer_encoder(model_name_or_path, batch_size: int = 64, **mod
     model = SentenceTransformer(str(model_name_or_path), **model_kwargs)
 
     def encode(texts):
-        return _normalized(model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True))
+        return normalized(model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True))
 
     return encode
 
@@ -123,7 +107,7 @@ def tfidf_encoder(fit_texts: Sequence[str]) -> Encoder:
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(list(fit_texts))
 
     def encode(texts):
-        return _normalized(vectorizer.transform(list(texts)).toarray())
+        return normalized(vectorizer.transform(list(texts)).toarray())
 
     return encode
 

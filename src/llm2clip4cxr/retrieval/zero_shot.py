@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .retrieval import image_encoder, report_encoder
+from .encoders import image_encoder, report_encoder
 
 __all__ = ["zero_shot_classify"]
 

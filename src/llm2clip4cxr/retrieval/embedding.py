@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fileio import atomic_write, output_lock, remove_partial_writes
+from ..fileio import atomic_write, output_lock, remove_partial_writes
 
 __all__ = ["EMBEDDINGS_FILE", "embed_in_chunks"]
 

@@ -1,10 +1,16 @@
-"""Image <-> report retrieval with an LLM2CLIP4CXR model.
+"""Encoders: the adapters that turn a model into callables mapping texts (or images) to L2-normalised float32
+arrays, so that dot products are cosine similarities. The CLI, the index, zero-shot classification and the
+evaluation all embed through them.
 
-`image_encoder` / `report_encoder` turn an `LLM2CLIP4CXRModel` and its processor into callables that map
-a list of image paths (PNG, JPEG or DICOM, read by `llm2clip4cxr.data.imaging.load_image`) or report texts to
-L2-normalised float32 arrays in the shared embedding space, so their dot products are the cosine
-similarities the model's `logits_per_image` scales. They plug into `embed_in_chunks` for collections
-and into `EmbeddingIndex` for search at scale; `rank` is the exact top-k for small collections.
+- `llm2vec_encoder(model)`: an LLM2Vec4CXR text encoder (the instruction is prepended and pooled out).
+- `load_clip_model(path)`, `report_encoder` / `image_encoder`: an LLM2CLIP4CXR checkpoint's two towers, into
+  the shared image-report space whose dot products the model's `logits_per_image` scales. Images are paths
+  (PNG, JPEG or DICOM, read by `llm2clip4cxr.data.imaging.load_image`), arrays or PIL images.
+- `find_images(paths)`: the image files among files and folders.
+
+They plug into `embed_in_chunks` for collections, into `EmbeddingIndex` for search at scale and into
+`ranking.rank` for exact top-k on small collections. torch is imported by the functions that run a model,
+so the text path of the evaluation (TF-IDF, BM25) does not need it.
 """
 
 from __future__ import annotations
@@ -14,14 +20,36 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from .checkpoints import check_model_folder, remote_code_guard
+from ..checkpoints import check_model_folder, remote_code_guard
 
-__all__ = ["IMAGE_SUFFIXES", "find_images", "image_encoder", "load_clip_model", "rank", "report_encoder"]
+__all__ = [
+    "IMAGE_SUFFIXES", "Encoder", "find_images", "image_encoder", "llm2vec_encoder", "load_clip_model", "normalized",
+    "report_encoder",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+# texts -> (n, d) float32 L2-normalised embeddings.
+Encoder = Callable[[Sequence[str]], np.ndarray]
+
+
+def normalized(features) -> np.ndarray:
+    """`features` with every row scaled to unit L2 norm, as float32 numpy (a torch tensor is moved to the CPU
+    first); a zero row stays zero."""
+    if hasattr(features, "detach"):  # a torch tensor, recognised without importing torch
+        features = features.detach().float().cpu().numpy()
+    features = np.asarray(features, dtype=np.float32)
+    return features / np.clip(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12, None)
+
+
+def llm2vec_encoder(model, instruction: str | None = None, batch_size: int = 64) -> Encoder:
+    """An LLM2Vec4CXR model as an encoder (the instruction is prepended and pooled out; None: the one the
+    checkpoint was trained with)."""
+
+    def encode(texts):
+        return normalized(model.encode(list(texts), instruction=instruction, batch_size=batch_size, convert_to_numpy=True))
+
+    return encode
 
 
 def load_clip_model(path: str | os.PathLike, trust_remote_code: bool = False):
@@ -77,7 +105,9 @@ def image_encoder(model, processor, batch_size: int = 16, max_pixels: int | None
     full-resolution images. Files declaring more than `max_pixels` pixels (default
     `llm2clip4cxr.data.imaging.MAX_IMAGE_PIXELS`) are refused with `ImageTooLargeError` before decoding.
     """
-    from .data.imaging import load_image
+    import torch
+
+    from ..data.imaging import load_image
 
     @torch.inference_mode()
     def encode(images: Sequence) -> np.ndarray:
@@ -88,7 +118,7 @@ def image_encoder(model, processor, batch_size: int = 16, max_pixels: int | None
                                   if isinstance(image, (str, os.PathLike)) else image])["pixel_values"]
                 for image in images[start : start + batch_size]
             ]).to(device=model.device, dtype=model.dtype)
-            outputs.append(_normalized(model.get_image_features(pixel_values=pixel_values).pooler_output))
+            outputs.append(normalized(model.get_image_features(pixel_values=pixel_values).pooler_output))
         return np.concatenate(outputs)
 
     return encode
@@ -96,30 +126,14 @@ def image_encoder(model, processor, batch_size: int = 16, max_pixels: int | None
 
 def report_encoder(model, processor, instruction: str | None = None, batch_size: int = 32) -> Callable:
     """A callable: report texts -> `(n, projection_dim)` L2-normalised float32 (the instruction is pooled out)."""
+    import torch
 
     @torch.inference_mode()
     def encode(texts: Sequence[str]) -> np.ndarray:
         outputs = []
         for start in range(0, len(texts), batch_size):
             inputs = processor(text=list(texts[start : start + batch_size]), instruction=instruction).to(model.device)
-            outputs.append(_normalized(model.get_text_features(**inputs).pooler_output))
+            outputs.append(normalized(model.get_text_features(**inputs).pooler_output))
         return np.concatenate(outputs)
 
     return encode
-
-
-def rank(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-`k` corpus rows for each query by inner product: `(indices, scores)`, each `(q, k)`.
-
-    Ties keep the lower corpus index first, so results do not depend on the BLAS build.
-    """
-    if k < 1:
-        raise ValueError(f"k must be positive, got {k}.")
-    scores = np.asarray(queries, dtype=np.float32) @ np.asarray(corpus, dtype=np.float32).T
-    k = min(k, scores.shape[1])
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(scores, order, axis=1)
-
-
-def _normalized(features: torch.Tensor) -> np.ndarray:
-    return F.normalize(features.float(), dim=-1).cpu().numpy()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from llm2clip4cxr.evaluation.report_tasks import Scorer, bm25_scorer, findings_to_impression_retrieval
-from llm2clip4cxr.hybrid import BM25Index, HybridScorer, fuse
+from llm2clip4cxr.retrieval.hybrid import BM25Index, HybridScorer, fuse
 
-from .test_evaluation_harness import ROWS, bag_of_words_encoder
+from ..test_evaluation_harness import ROWS, bag_of_words_encoder
 
 CORPUS = ["Small left pleural effusion.", "No pneumothorax.", "Large right effusion.", "Heart size normal."]
 
@@ -58,7 +58,7 @@ def test_hybrid_is_a_scorer_that_fixes_what_each_side_misses():
 def test_index_hybrid_search_saves_its_statistics_and_equals_a_full_fusion(tmp_path):
     pytest.importorskip("faiss")
     from llm2clip4cxr.errors import CorruptFileError, InputError
-    from llm2clip4cxr.index import EmbeddingIndex
+    from llm2clip4cxr.retrieval.index import EmbeddingIndex
 
     texts = [f"{side} {size} pleural effusion, {extra}" for side in ("left", "right") for size in ("small", "large")
              for extra in ("no pneumothorax", "heart normal", "stable", "new", "improved")]

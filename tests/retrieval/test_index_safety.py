@@ -23,10 +23,11 @@ pytest.importorskip("faiss")
 
 from llm2clip4cxr import fileio  # noqa: E402
 from llm2clip4cxr.errors import CorruptFileError  # noqa: E402
-from llm2clip4cxr.index import CONFIG_NAME, EmbeddingIndex  # noqa: E402
+from llm2clip4cxr.retrieval.index import CONFIG_NAME, EmbeddingIndex  # noqa: E402
+
+from ..shared_data import ROOT  # noqa: E402
 
 DIM = 16
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_index(seed: int, size: int, kind: str = "flat", info=None) -> tuple[EmbeddingIndex, dict]:
@@ -101,7 +102,7 @@ def test_a_real_sigkill_between_writing_and_committing_keeps_the_old_index(tmp_p
     script = textwrap.dedent(f"""
         import os, signal
         from llm2clip4cxr import fileio
-        from tests.test_index_safety import make_index
+        from tests.retrieval.test_index_safety import make_index
 
         def kill(step):
             if step == "index:metadata-written":

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from llm2clip4cxr.data import load_text_dataset
-from llm2clip4cxr.embedding import EMBEDDINGS_FILE, embed_in_chunks
+from llm2clip4cxr.retrieval.embedding import EMBEDDINGS_FILE, embed_in_chunks
+
+from ..shared_data import ROOT
 
 DIM = 8
 
@@ -64,8 +66,8 @@ def test_a_killed_process_resumes(tmp_path):
     # SIGKILL (no exception handlers run) in the middle of a run, then resume in this process.
     script = textwrap.dedent(f"""
         import time, datasets
-        from llm2clip4cxr.embedding import embed_in_chunks
-        from tests.test_embedding import fake_encode, texts_dataset
+        from llm2clip4cxr.retrieval.embedding import embed_in_chunks
+        from tests.retrieval.test_embedding import fake_encode, texts_dataset
 
         def slow(texts):
             time.sleep(0.3)
@@ -73,7 +75,7 @@ def test_a_killed_process_resumes(tmp_path):
 
         embed_in_chunks(texts_dataset(), slow, {str(tmp_path / "out")!r}, chunk_size=2, progress=False)
     """)
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)))
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
     chunks = tmp_path / "out" / "chunks"
     deadline = time.monotonic() + 120
     while len(list(chunks.glob("chunk-*.npy"))) < 3 and time.monotonic() < deadline and process.poll() is None:

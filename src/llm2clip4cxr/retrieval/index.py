@@ -46,9 +46,9 @@ from typing import Any
 
 import numpy as np
 
-from . import fileio
-from .errors import CorruptFileError, InputError
-from .fileio import atomic_write, fsync_directory, honour_umask, is_partial_write, output_lock, sha256_file
+from .. import fileio
+from ..errors import CorruptFileError, InputError
+from ..fileio import atomic_write, fsync_directory, honour_umask, is_partial_write, output_lock, sha256_file
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "pq")
 

@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("faiss")
 
-import llm2clip4cxr.index as index_module  # noqa: E402
-from llm2clip4cxr.index import EmbeddingIndex  # noqa: E402
+import llm2clip4cxr.retrieval.index as index_module  # noqa: E402
+from llm2clip4cxr.retrieval.index import EmbeddingIndex  # noqa: E402
 
 DIM = 64
 
