@@ -8,7 +8,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from llm2clip4cxr import LLM2CLIP4CXRConfig, LLM2Vec4CXRConfig, default_model_path
 from llm2clip4cxr.data import read_reports_csv
-from llm2clip4cxr.evaluation import harness, report_tasks
+from llm2clip4cxr.evaluation import baselines, harness
 from llm2clip4cxr.hub_card import model_card, select_model_results, write_text_model_card
 
 from .shared_data import HAVE_OPENI, OPENI_REPORTS, needs_openi
@@ -32,7 +32,7 @@ def harness_results():
         pytest.skip(needs_openi.kwargs["reason"])
     rows = read_reports_csv(OPENI_REPORTS)[:60]
     texts = [harness.report_text(row) for row in rows]
-    return harness.run_evaluation({"tfidf": report_tasks.tfidf_encoder(texts), "bm25": report_tasks.bm25_scorer()}, rows)
+    return harness.run_evaluation({"tfidf": baselines.tfidf_encoder(texts), "bm25": baselines.bm25_scorer()}, rows)
 
 
 def test_shipped_card_is_reproduced_from_its_results(tmp_path):

@@ -37,7 +37,7 @@ import train_text_encoder  # noqa: E402
 from llm2clip4cxr import LLM2Vec4CXRModel  # noqa: E402
 from llm2clip4cxr.data import read_reports_csv, split_by_study  # noqa: E402
 from llm2clip4cxr.defaults import shared_data_dir  # noqa: E402
-from llm2clip4cxr.evaluation import harness, report_tasks  # noqa: E402
+from llm2clip4cxr.evaluation import baselines, harness  # noqa: E402
 from llm2clip4cxr.training.factory import build_text_encoder  # noqa: E402
 from llm2clip4cxr.retrieval.encoders import llm2vec_encoder  # noqa: E402
 from llm2clip4cxr.retrieval.hybrid import HybridScorer  # noqa: E402
@@ -110,9 +110,9 @@ def main(argv=None):
     model = LLM2Vec4CXRModel.from_pretrained(contrastive).eval()
     dense = llm2vec_encoder(model)  # the trained instruction is the model's default
     encoders = {
-        "tfidf": report_tasks.tfidf_encoder([harness.report_text(row) for row in validation_rows]),
-        "bm25": report_tasks.bm25_scorer(),
-        "all-MiniLM-L6-v2": report_tasks.minilm_encoder(),
+        "tfidf": baselines.tfidf_encoder([harness.report_text(row) for row in validation_rows]),
+        "bm25": baselines.bm25_scorer(),
+        "all-MiniLM-L6-v2": baselines.minilm_encoder(),
         MODEL_NAME: dense,
         f"hybrid ({MODEL_NAME} + bm25, rrf)": HybridScorer(dense),
     }

@@ -415,7 +415,7 @@ def _quiet(load, *args):
 def _eval(args) -> int:
     from .data.reports import read_reports_csv, split_by_study
     from .defaults import shared_data_dir
-    from .evaluation import harness, report_tasks
+    from .evaluation import baselines, harness, tasks
     from .retrieval.encoders import llm2vec_encoder
 
     if args.limit is not None and args.limit < 1:  # before looking for the data: a usage mistake comes first
@@ -452,23 +452,21 @@ def _eval(args) -> int:
             encoders[f"hybrid ({name} + bm25, {args.fusion})"] = HybridScorer(encoders[name], method=args.fusion)
     for baseline in args.baseline:
         if baseline == "tfidf":  # fitted on the evaluated reports themselves (unsupervised, no labels)
-            encoders["tfidf"] = report_tasks.tfidf_encoder([harness.report_text(row) for row in rows])
+            encoders["tfidf"] = baselines.tfidf_encoder([harness.report_text(row) for row in rows])
         elif baseline == "bm25":
-            encoders["bm25"] = report_tasks.bm25_scorer()
+            encoders["bm25"] = baselines.bm25_scorer()
         else:
-            encoders["all-MiniLM-L6-v2"] = report_tasks.minilm_encoder(batch_size=args.batch_size)
+            encoders["all-MiniLM-L6-v2"] = baselines.minilm_encoder(batch_size=args.batch_size)
     for path in args.st_model:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--st-model {path}: no such directory (give a saved sentence-transformers model).")
-        encoders[Path(path).name] = report_tasks.sentence_transformer_encoder(path, batch_size=args.batch_size)
+        encoders[Path(path).name] = baselines.sentence_transformer_encoder(path, batch_size=args.batch_size)
     for path in args.clip_baseline:  # the text tower of a CLIP/SigLIP or open_clip (BiomedCLIP) folder
-        from .baselines import load_dual_encoder
-
-        encoders[Path(path).name] = _quiet(load_dual_encoder, path, args.batch_size).encode_texts
+        encoders[Path(path).name] = _quiet(baselines.load_dual_encoder, path, args.batch_size).encode_texts
     if not encoders:
         raise ValueError("nothing to evaluate: --no-model was given without --baseline, --st-model or --clip-baseline.")
 
-    ordering_suite = report_tasks.load_clinical_ordering_suite(args.ordering_suite) if args.ordering_suite else None
+    ordering_suite = tasks.load_clinical_ordering_suite(args.ordering_suite) if args.ordering_suite else None
     results = harness.run_evaluation(
         encoders, rows, tasks=args.tasks, seed=args.seed, triplets=triplets, label_prompts=label_prompts,
         ordering_suite=ordering_suite,
@@ -652,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="evaluate encoders and baselines on a report CSV",
         description="Run the report tasks (findings->impression and paraphrase retrieval, error discrimination, "
         "zero-shot Problems labels) for the default model (or --model) and baselines; writes results.json, "
-        "results.md and recall.png into --output-dir. Data format: see llm2clip4cxr.evaluation.report_tasks.",
+        "results.md and recall.png into --output-dir. Data format: see llm2clip4cxr.evaluation.tasks.",
     )
     evaluate.add_argument("--csv", help="report CSV with uid, findings, impression[, Problems] (default: the Open-I reports)")
     evaluate.add_argument("--output-dir", required=True, help="folder for results.json, results.md, recall.png")

@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from llm2clip4cxr.evaluation.report_tasks import Scorer, bm25_scorer, findings_to_impression_retrieval
+from llm2clip4cxr.evaluation.baselines import bm25_scorer
+from llm2clip4cxr.evaluation.tasks import Scorer, findings_to_impression_retrieval
 from llm2clip4cxr.retrieval.hybrid import BM25Index, HybridScorer, fuse
 
-from ..test_evaluation_harness import ROWS, bag_of_words_encoder
+from ..evaluation.test_harness import ROWS, bag_of_words_encoder
 
 CORPUS = ["Small left pleural effusion.", "No pneumothorax.", "Large right effusion.", "Heart size normal."]
 

@@ -1,9 +1,9 @@
-"""Run the report tasks of `report_tasks` for several models and write the results.
+"""Run the report tasks of `tasks` for several models and write the results.
 
     results = run_evaluation({"default": llm2vec_encoder(model), "bm25": bm25_scorer()}, rows, seed=0)
     write_results(results, "runs/eval")  # results.json, results.md, recall.png
 
-`rows` are report-CSV rows (see the `report_tasks` docstring for the format), e.g. from
+`rows` are report-CSV rows (see the `tasks` docstring for the format), e.g. from
 `data.read_reports_csv`. Everything random (paraphrases, error triplets) is drawn from `seed`, and the
 results hold no timings, so the same models, rows and seed give an identical results.json.
 """
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..fileio import atomic_write
-from .report_tasks import (
+from .tasks import (
     Model,
     clinical_ordering,
     embedding_spread,
@@ -65,7 +65,7 @@ def run_evaluation(
     """Score every model on every task.
 
     Args:
-        encoders: name -> Encoder or Scorer (see `report_tasks`).
+        encoders: name -> Encoder or Scorer (see `tasks`).
         data: report rows with `uid`, `findings`, `impression` and, for "zero_shot_labels", `Problems`.
         tasks: a subset of `TASKS`, run in the given order.
         seed: seeds the paraphrases, the generated error triplets and the embedding-spread sample.

@@ -12,7 +12,7 @@ breaks exact ties arbitrarily, where the harness breaks them pessimistically. Wi
 from collections.abc import Sequence
 
 from .metrics import relevant_with_duplicates
-from .report_tasks import studies_with_findings_and_impression
+from .tasks import studies_with_findings_and_impression
 
 __all__ = ["findings_to_impression_evaluator"]
 

@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from transformers import BertConfig, BertTokenizerFast
 
-from llm2clip4cxr.baselines import BiomedCLIPDualEncoder, load_dual_encoder
+from llm2clip4cxr.evaluation.baselines import BiomedCLIPDualEncoder, load_dual_encoder
 
-from .shared_data import OPENI_REPORTS, needs_openi
+from ..shared_data import OPENI_REPORTS, needs_openi
 
 EMBED_DIM, VIT_WIDTH, VIT_HEADS, VIT_DEPTH, PATCH, IMAGE = 16, 32, 4, 2, 8, 32
 BERT_LAYERS, CONTEXT = 2, 12

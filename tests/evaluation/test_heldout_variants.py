@@ -32,7 +32,7 @@ from llm2clip4cxr.augment.variants import (
     load_abbreviations,
 )
 
-from .shared_data import OPENI_REPORTS, needs_openi
+from ..shared_data import OPENI_REPORTS, needs_openi
 
 ALL_FAMILIES = {**HELDOUT_POSITIVE_FAMILIES, **HELDOUT_NEGATIVE_FAMILIES}
 SEEDS = range(12)

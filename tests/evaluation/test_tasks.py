@@ -1,11 +1,8 @@
 import numpy as np
 import pytest
 
-from llm2clip4cxr.evaluation.report_tasks import (
-    error_discrimination,
-    findings_to_impression_retrieval,
-    tfidf_encoder,
-)
+from llm2clip4cxr.evaluation.baselines import tfidf_encoder
+from llm2clip4cxr.evaluation.tasks import error_discrimination, findings_to_impression_retrieval
 
 
 def lookup_encoder(vectors: dict):

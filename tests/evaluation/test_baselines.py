@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, LlamaConfig
 
-from llm2clip4cxr.baselines import HFDualEncoder
+from llm2clip4cxr.evaluation.baselines import HFDualEncoder
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_hf_dual_encoder_refuses_other_models(tmp_path):
 
 
 def test_load_dual_encoder_picks_hf_for_a_clip_folder(tiny_clip, report_texts, tmp_path):
-    from llm2clip4cxr.baselines import load_dual_encoder
+    from llm2clip4cxr.evaluation.baselines import load_dual_encoder
 
     folder, _, _ = tiny_clip
     encoder = load_dual_encoder(folder, batch_size=2)
