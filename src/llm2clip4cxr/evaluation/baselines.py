@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, Be
 from transformers import ViTConfig, ViTModel
 
 from ..checkpoints import check_model_folder, remote_code_guard
+from ..conversion.open_clip import OPEN_CLIP_CONFIG, load_open_clip
 from ..data.imaging import CLIP_MEAN, CLIP_STD, load_image
 from ..retrieval.encoders import Encoder, normalized
 from ..retrieval.hybrid import BM25Index
@@ -160,165 +161,7 @@ def _features(output) -> np.ndarray:
 
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# open_clip checkpoints (BiomedCLIP): timm ViT vision tower + Hugging Face BERT text tower
-# ---------------------------------------------------------------------------------------------------------------
-
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-# Preferred first: safetensors cannot run code when read.
-OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-# Checkpoint entries that hold no weight of either tower: the contrastive temperature/bias, and the
-# position-id buffer older transformers versions saved with BERT.
-_IGNORED_KEYS = frozenset({"logit_scale", "logit_bias", "text.transformer.embeddings.position_ids"})
-# timm's ViT sizes: name -> (embed_dim, depth, num_heads); mlp_ratio 4, LayerNorm eps 1e-6, class token.
-_TIMM_VIT_SIZES = {
-    "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16), "huge": (1280, 32, 16),
-}
-_TIMM_VIT_NAME = re.compile(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)(?:[._].*)?")
-_TIMM_VIT_KWARGS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "mlp_ratio")
-# transformers ViTModel parameter (inside encoder layer N) -> (timm block parameter, q/k/v slice of qkv or None).
-_VIT_LAYER_SOURCES = {
-    "attention.q_proj": ("attn.qkv", 0), "attention.k_proj": ("attn.qkv", 1), "attention.v_proj": ("attn.qkv", 2),
-    "attention.o_proj": ("attn.proj", None), "layernorm_before": ("norm1", None), "layernorm_after": ("norm2", None),
-    "mlp.fc1": ("mlp.fc1", None), "mlp.fc2": ("mlp.fc2", None),
-}
-_VIT_SOURCES = {
-    "embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias",
-}
 TEXT_POOLERS = ("cls_last_hidden_state_pooler", "mean_pooler")
-
-
-def _vit_source(key: str) -> tuple[str, int | None]:
-    """The open_clip checkpoint entry (and q/k/v slice) behind a transformers ViTModel parameter."""
-    if key in _VIT_SOURCES:
-        return "visual.trunk." + _VIT_SOURCES[key], None
-    match = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", key)
-    if match is None or match.group(2) not in _VIT_LAYER_SOURCES:
-        raise RuntimeError(f"no timm counterpart known for ViTModel parameter {key!r} (transformers renamed it?).")
-    source, chunk = _VIT_LAYER_SOURCES[match.group(2)]
-    return f"visual.trunk.blocks.{match.group(1)}.{source}.{match.group(3)}", chunk
-
-
-def read_open_clip_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The weights of an open_clip checkpoint folder: `open_clip_model.safetensors` if present, else
-    `open_clip_pytorch_model.bin` read with `torch.load(weights_only=True)` (a pickle that needs code to
-    load is refused)."""
-    from ..conversion import load_state_dict_file
-
-    folder = Path(folder)
-    for name in OPEN_CLIP_WEIGHTS:
-        if (folder / name).is_file():
-            return load_state_dict_file(folder / name)
-    raise FileNotFoundError(f"{folder} has none of {OPEN_CLIP_WEIGHTS}: not an open_clip checkpoint folder.")
-
-
-def _vision_config(vision_cfg: Mapping) -> ViTConfig:
-    """A ViTConfig equal to the timm ViT that `vision_cfg` names (timm_model_name + timm_model_kwargs)."""
-    name = vision_cfg.get("timm_model_name")
-    match = _TIMM_VIT_NAME.fullmatch(name or "")
-    if match is None:
-        raise ValueError(
-            f"vision_cfg.timm_model_name {name!r} is not supported: only timm's plain ViTs "
-            "(vit_{tiny,small,base,large,huge}_patch<P>_<size>) load without timm."
-        )
-    if vision_cfg.get("timm_pool") not in (None, "", "token"):
-        raise ValueError(f"vision_cfg.timm_pool {vision_cfg['timm_pool']!r} is not supported (only the class token).")
-    if vision_cfg.get("timm_proj", "linear") != "linear":
-        raise ValueError(f"vision_cfg.timm_proj {vision_cfg['timm_proj']!r} is not supported (only 'linear').")
-    width, depth, heads = _TIMM_VIT_SIZES[match.group(1)]
-    arch = {"embed_dim": width, "depth": depth, "num_heads": heads, "patch_size": int(match.group(2)),
-            "img_size": vision_cfg.get("image_size", int(match.group(3))), "mlp_ratio": 4.0}
-    kwargs = dict(vision_cfg.get("timm_model_kwargs") or {})
-    unknown = sorted(set(kwargs) - set(_TIMM_VIT_KWARGS))
-    if unknown:
-        raise ValueError(f"vision_cfg.timm_model_kwargs {unknown} are not supported (known: {_TIMM_VIT_KWARGS}).")
-    arch.update(kwargs)
-    image_size = arch["img_size"]
-    if not isinstance(image_size, int):  # open_clip allows [height, width]
-        if len(set(image_size)) != 1:
-            raise ValueError(f"vision_cfg image size {image_size} is not square; only square inputs are supported.")
-        image_size = image_size[0]
-    return ViTConfig(
-        hidden_size=arch["embed_dim"], num_hidden_layers=arch["depth"], num_attention_heads=arch["num_heads"],
-        intermediate_size=int(arch["embed_dim"] * arch["mlp_ratio"]), hidden_act="gelu", layer_norm_eps=1e-6,
-        image_size=image_size, patch_size=arch["patch_size"], num_channels=3, qkv_bias=True,
-    )
-
-
-def _text_config(folder: Path, text_cfg: Mapping, state_dict: Mapping[str, torch.Tensor], pad_token_id: int) -> BertConfig:
-    """The BERT config: the folder's `config.json` if present, else read off the weight shapes."""
-    if (folder / "config.json").is_file():
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # a BERT config needs no code
-        if config.model_type != "bert":
-            raise ValueError(f"{folder / 'config.json'} is a {config.model_type!r} config; the text tower is a BERT.")
-        if config.pad_token_id != pad_token_id:  # open_clip pads with the tokenizer's id but masks the config's
-            raise ValueError(
-                f"the tokenizer pads with id {pad_token_id} but {folder / 'config.json'} has pad_token_id "
-                f"{config.pad_token_id}: the tokenizer and config.json must come from the same text model."
-            )
-        return config
-    prefix = "text.transformer."
-    shape_keys = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-                  "embeddings.token_type_embeddings.weight", "encoder.layer.0.intermediate.dense.weight")
-    absent = [prefix + key for key in shape_keys if prefix + key not in state_dict]
-    if absent:
-        raise ValueError(
-            f"{folder}: no {absent}, so the text tower ({text_cfg.get('hf_model_name')!r}) is not a BERT whose config "
-            "can be read off the weights; only BERT text towers are supported (a config.json in the folder helps "
-            "only if the weights are BERT's)."
-        )
-    word = state_dict[prefix + "embeddings.word_embeddings.weight"]
-    hidden = word.shape[1]
-    if hidden % 64:
-        raise ValueError(
-            f"cannot tell the text tower's attention heads from its width {hidden}: put the config.json of "
-            f"{text_cfg.get('hf_model_name', 'the text model')} into {folder}."
-        )
-    layers = {int(m.group(1)) for key in state_dict if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", key))}
-    return BertConfig(
-        vocab_size=word.shape[0], hidden_size=hidden, num_hidden_layers=len(layers),
-        num_attention_heads=hidden // 64,  # every BERT size has 64-wide heads
-        intermediate_size=state_dict[prefix + "encoder.layer.0.intermediate.dense.weight"].shape[0],
-        max_position_embeddings=state_dict[prefix + "embeddings.position_embeddings.weight"].shape[0],
-        type_vocab_size=state_dict[prefix + "embeddings.token_type_embeddings.weight"].shape[0],
-        pad_token_id=pad_token_id,
-    )
-
-
-def _load_tokenizer(folder: Path, text_cfg: Mapping):
-    """The text tower's tokenizer, from files in the folder (nothing can be downloaded)."""
-    tokenizer_name = text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name") or "the text model"
-    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-        with remote_code_guard(folder, False) as remote:  # a BERT tokenizer needs no code from the folder
-            return AutoTokenizer.from_pretrained(folder, **remote)
-    if (folder / "vocab.txt").is_file():
-        lowered = tokenizer_name.lower()
-        if "uncased" not in lowered and "cased" not in lowered:
-            raise ValueError(
-                f"{folder} has a vocab.txt but no tokenizer_config.json, and {tokenizer_name!r} does not say whether "
-                "it lower-cases: put that tokenizer's tokenizer_config.json next to vocab.txt."
-            )
-        return BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case="uncased" in lowered)
-    raise FileNotFoundError(
-        f"{folder} has no tokenizer: put the vocab.txt and tokenizer_config.json (or tokenizer.json) of "
-        f"{tokenizer_name!r} into it (open_clip downloads them; nothing is downloaded here)."
-    )
-
-
-def _text_projection(kind: str | None, width: int, embed_dim: int) -> nn.Module:
-    """open_clip's HFTextEncoder projection: 'linear', 'mlp' (width -> (width+embed_dim)//2 -> embed_dim, GELU)
-    or none when the widths already match."""
-    if kind == "linear":
-        return nn.Linear(width, embed_dim, bias=False)
-    if kind == "mlp":
-        hidden = (width + embed_dim) // 2
-        return nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False))
-    if kind is None and width == embed_dim:
-        return nn.Identity()
-    raise ValueError(f"text_cfg projection {kind!r} is not supported for width {width} -> {embed_dim} (use 'linear' or 'mlp').")
 
 
 def _clean_text(text: str) -> str:
@@ -358,73 +201,22 @@ class BiomedCLIPDualEncoder:
 
     @classmethod
     def from_open_clip(cls, folder: str | os.PathLike, batch_size: int = 32, device: str | None = None):
-        """Load an open_clip checkpoint folder: `open_clip_config.json`, `open_clip_model.safetensors` (or
-        `open_clip_pytorch_model.bin`), the text tokenizer's files (`vocab.txt` + `tokenizer_config.json`, or
-        `tokenizer.json`) and optionally the text model's `config.json`.
+        """Load an open_clip checkpoint folder (`llm2clip4cxr.conversion.open_clip.load_open_clip` says which
+        files it needs and converts them).
 
         Raises:
-            FileNotFoundError: a file above is missing.
-            ValueError: an unsupported architecture, or weights that do not fit it (every missing, unknown or
-                mis-shaped checkpoint key is named).
+            FileNotFoundError: a file of the checkpoint is missing.
+            ValueError: an unsupported architecture or preprocessing, or weights that do not fit it (every
+                missing, unknown or mis-shaped checkpoint key is named).
         """
-        folder = Path(folder)
-        config_path = folder / OPEN_CLIP_CONFIG
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{folder} has no {OPEN_CLIP_CONFIG}: not an open_clip checkpoint folder.")
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        model_cfg, preprocess_cfg = config.get("model_cfg", config), config.get("preprocess_cfg", {})
-        vision_cfg, text_cfg = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg") or {}
-        if "embed_dim" not in model_cfg:
-            raise ValueError(f"{config_path} has no model_cfg.embed_dim.")
-        embed_dim = model_cfg["embed_dim"]
-        state_dict = read_open_clip_state_dict(folder)
-        tokenizer = _load_tokenizer(folder, text_cfg)
-
-        vision = ViTModel(_vision_config(vision_cfg), add_pooling_layer=False)
-        vision_head = nn.Linear(vision.config.hidden_size, embed_dim, bias=bool(vision_cfg.get("timm_proj_bias")))
-        if tokenizer.pad_token_id is None:
-            raise ValueError(f"the tokenizer in {folder} has no pad token; open_clip pads texts with it.")
-        text = BertModel(_text_config(folder, text_cfg, state_dict, tokenizer.pad_token_id), add_pooling_layer=False)
-        projection = _text_projection(text_cfg.get("hf_proj_type", text_cfg.get("proj")), text.config.hidden_size, embed_dim)
-
-        # target module -> {its parameter: (checkpoint key, q/k/v slice or None)}
-        sources = {
-            vision: {key: _vit_source(key) for key in vision.state_dict()},
-            vision_head: {key: ("visual.head.proj." + key, None) for key in vision_head.state_dict()},
-            text: {key: ("text.transformer." + key, None) for key in text.state_dict()},
-            projection: {key: ("text.proj." + key, None) for key in projection.state_dict()},
-        }
-        expected = {source for mapping in sources.values() for source, _ in mapping.values()}
-        missing = sorted(expected - set(state_dict))
-        unknown = sorted(set(state_dict) - expected - _IGNORED_KEYS)
-        if missing or unknown:
-            raise ValueError(
-                f"{folder}: the weights do not fit the architecture of {OPEN_CLIP_CONFIG} "
-                f"(vision {vision_cfg.get('timm_model_name')!r}, text {text_cfg.get('hf_model_name')!r}). "
-                f"Missing keys: {missing or 'none'}. Unknown keys: {unknown or 'none'}."
-            )
-        converted, mismatched = {}, []
-        for module, mapping in sources.items():
-            targets = module.state_dict()
-            converted[module] = {}
-            for key, (source, chunk) in mapping.items():
-                # timm stores q, k and v stacked in one qkv tensor (3 * width rows), in that order.
-                tensor = state_dict[source] if chunk is None else state_dict[source].chunk(3, dim=0)[chunk]
-                if tensor.shape != targets[key].shape:
-                    mismatched.append(f"{source}{'' if chunk is None else f' (q/k/v part {chunk})'}: "
-                                      f"{tuple(tensor.shape)}, expected {tuple(targets[key].shape)}")
-                converted[module][key] = tensor
-        if mismatched:
-            raise ValueError(f"{folder}: checkpoint tensors of the wrong shape for {OPEN_CLIP_CONFIG}: {mismatched}.")
-        for module, weights in converted.items():
-            module.load_state_dict(weights, strict=True)
-
+        towers = load_open_clip(folder)
+        preprocess_cfg, text_cfg = towers.preprocess_cfg, towers.text_cfg
         resize_mode = preprocess_cfg.get("resize_mode", "shortest")
         if resize_mode != "shortest":
             raise ValueError(f"preprocess_cfg.resize_mode {resize_mode!r} is not supported (only 'shortest').")
         return cls(
-            vision, vision_head, text, projection, tokenizer,
-            image_size=vision.config.image_size,
+            towers.vision, towers.vision_head, towers.text, towers.text_projection, towers.tokenizer,
+            image_size=towers.vision.config.image_size,
             mean=preprocess_cfg.get("mean", CLIP_MEAN), std=preprocess_cfg.get("std", CLIP_STD),
             context_length=text_cfg.get("context_length", 77),
             pooler=text_cfg.get("hf_pooler_type", text_cfg.get("pooler_type", "cls_last_hidden_state_pooler")),
@@ -527,7 +319,6 @@ def load_dual_encoder(path: str | os.PathLike, batch_size: int = 32, device: str
 
 
 __all__ = [
-    "BM25Scorer", "BiomedCLIPDualEncoder", "HFDualEncoder", "OPEN_CLIP_CONFIG", "OPEN_CLIP_WEIGHTS", "SUPPORTED_DUAL_ENCODERS",
-    "TEXT_POOLERS", "bm25_scorer", "is_open_clip_folder", "load_dual_encoder", "minilm_encoder", "read_open_clip_state_dict",
-    "sentence_transformer_encoder", "tfidf_encoder",
+    "BM25Scorer", "BiomedCLIPDualEncoder", "HFDualEncoder", "SUPPORTED_DUAL_ENCODERS", "TEXT_POOLERS", "bm25_scorer",
+    "is_open_clip_folder", "load_dual_encoder", "minilm_encoder", "sentence_transformer_encoder", "tfidf_encoder",
 ]
