@@ -134,7 +134,7 @@ def main(argv=None):
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(harness.results_markdown(results), flush=True)
     if args.install:
-        from llm2clip4cxr.hub_card import write_text_model_card
+        from llm2clip4cxr.hub.cards import write_text_model_card
 
         shutil.rmtree(PACKAGE_TARGET, ignore_errors=True)
         model.save_pretrained(PACKAGE_TARGET)

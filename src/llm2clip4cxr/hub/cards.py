@@ -12,6 +12,7 @@ Two results formats are read:
   `{"data": {...}, "training": {...}, "results": {name: {task: metrics}}}`.
 """
 
+import json
 import re
 from collections.abc import Mapping
 from importlib import resources
@@ -19,6 +20,10 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .folder import adapter_base_id, adapter_base_source, checkpoint_kind
+
+CARD_FILE = "README.md"
+RESULTS_FILE = "results.json"
 TEXT_TEMPLATE = "llm2vec4cxr.md"
 CLIP_TEMPLATE = "llm2clip4cxr.md"
 PIPELINE_TAGS = {"llm2vec4cxr": "sentence-similarity", "llm2clip4cxr": "zero-shot-image-classification"}
@@ -284,10 +289,65 @@ def text_model_card(summary: dict, model_name: str, repo_id: str, this_model: st
 
 def write_text_model_card(model_dir, summary: dict, model_name: str = "LLM2Vec4CXR-tiny (default)", repo_id: str = "llm2clip4cxr/llm2vec4cxr-tiny-openi") -> Path:
     """Render the card of the LLM2Vec4CXR checkpoint in `model_dir` and save it as its README.md."""
-    from . import LLM2Vec4CXRConfig
+    from .. import LLM2Vec4CXRConfig
 
     config = LLM2Vec4CXRConfig.from_pretrained(model_dir)
     card = text_model_card(summary, model_name, repo_id, model_name, config)
     path = Path(model_dir) / "README.md"
     card.save(path)
     return path
+
+
+def read_results(results, model_dir: Path) -> Mapping | None:
+    if results is None:
+        path = model_dir / RESULTS_FILE
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if isinstance(results, Mapping):
+        return results
+    path = Path(results)
+    if not path.is_file():
+        raise FileNotFoundError(f"results {path}: no such file (give the results.json of `llm2clip4cxr eval`).")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def build_card(
+    model_dir,
+    repo_id: str,
+    *,
+    results=None,
+    results_model: str | None = None,
+    model_name: str | None = None,
+    base_model: str | None = None,
+    keep_card: bool = False,
+) -> ModelCard:
+    """The card pushed with `model_dir`.
+
+    By default it is rendered from `hub_cards/` with `results` (a results file path or dict; default the
+    folder's `results.json`) as its model-index. The model's name defaults to the one in the folder's
+    existing card, else the repository name. `keep_card=True` pushes the folder's own README.md unchanged
+    (it must parse as a model card, and an adapter's card must name its `base_model`).
+    """
+    model_dir = Path(model_dir)
+    kind = checkpoint_kind(model_dir)
+    existing = ModelCard.load(model_dir / CARD_FILE) if (model_dir / CARD_FILE).is_file() else None
+    if keep_card:
+        if existing is None:
+            raise FileNotFoundError(f"keep_card: {model_dir} has no {CARD_FILE} to keep.")
+        if kind.endswith("-adapter") and not existing.data.base_model:
+            raise ValueError(f"{model_dir / CARD_FILE} names no base_model; an adapter's card must.")
+        return existing
+    from transformers import AutoConfig  # the package's configs are registered by importing llm2clip4cxr
+
+    if kind.endswith("-adapter"):
+        config = AutoConfig.from_pretrained(adapter_base_source(model_dir, base_model), trust_remote_code=False)
+        base_model = adapter_base_id(model_dir, base_model)
+    else:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    model_name = model_name or (existing.data.model_name if existing is not None else None)
+    results = read_results(results, model_dir)
+    if results is not None:
+        results_model = select_model_results(results, [results_model, model_name, model_dir.name])
+    return model_card(
+        config, repo_id, results=results, results_model=results_model, model_name=model_name,
+        base_model=base_model, adapter=kind.endswith("-adapter"),
+    )

@@ -9,9 +9,9 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from llm2clip4cxr import LLM2CLIP4CXRConfig, LLM2Vec4CXRConfig, default_model_path
 from llm2clip4cxr.data import read_reports_csv
 from llm2clip4cxr.evaluation import baselines, harness
-from llm2clip4cxr.hub_card import model_card, select_model_results, write_text_model_card
+from llm2clip4cxr.hub.cards import model_card, select_model_results, write_text_model_card
 
-from .shared_data import HAVE_OPENI, OPENI_REPORTS, needs_openi
+from ..shared_data import HAVE_OPENI, OPENI_REPORTS, needs_openi
 
 
 def parse_strictly(card: ModelCard) -> ModelCard:

@@ -9,13 +9,13 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 
-import llm2clip4cxr.hub as hub
+import llm2clip4cxr.hub.push as hub
 from llm2clip4cxr.cli import main
 from llm2clip4cxr.defaults import default_model_path
 from llm2clip4cxr.hub import CheckpointVerificationError, merge_adapter, push_to_hub, verify_checkpoint
 from llm2clip4cxr.training.recipe import apply_lora
 
-from .conftest import INSTRUCTION
+from ..conftest import INSTRUCTION
 
 SECRET = "hf_TESTtokenThatMustNeverBePrinted0123456789"
 DEFAULT_FILES = {"README.md", "config.json", "config_sentence_transformers.json", "configuration_llm2vec4cxr.py",
