@@ -11,7 +11,7 @@ from llm2clip4cxr.retrieval import find_images, image_encoder, rank, report_enco
 
 from ..shared_data import XRV as SAMPLES
 from ..shared_data import needs_samples
-from ..test_cli import write_csv
+from ..cli.test_cli import write_csv
 from ..test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
 
 REPORTS = [("a", "Small right pleural effusion."), ("b", "No acute cardiopulmonary process."),

@@ -1,6 +1,6 @@
 """`llm2clip4cxr convert`: turn the authors' published weights into checkpoints of this package."""
 
-from ..cli import _emit
+from . import common
 
 
 def register(commands) -> None:
@@ -16,6 +16,7 @@ def register(commands) -> None:
         help="the published LLM2Vec4CXR Hub folder -> an LLM2Vec4CXR checkpoint",
         description="Convert the published LLM2Vec4CXR folder (plain decoder config.json, tokenizer, "
         "model.safetensors with latent_attn.*) into an LLM2Vec4CXR checkpoint with latent-attention pooling.",
+        parents=[common.JSON],
     )
     text.add_argument("source", help="the published folder (downloaded from the Hub)")
     text.add_argument("destination", help="output folder (must not exist)")
@@ -26,8 +27,7 @@ def register(commands) -> None:
     text.add_argument("--latent-attention-heads", type=int, default=8, help="heads of the latent attention (8 when published)")
     text.add_argument("--max-seq-length", type=int, default=512, help="longest tokenized input (512 when published)")
     text.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    text.add_argument("--json", action="store_true", help="print the summary as JSON")
-    text.set_defaults(handler=_convert_llm2vec4cxr)
+    text.set_defaults(handler=run_llm2vec4cxr)
 
     clip = kinds.add_parser(
         "llm2clip4cxr",
@@ -35,6 +35,7 @@ def register(commands) -> None:
         description="Convert the published LLM2CLIP4CXR state dict (EVA02-CLIP-L/14 visual.*, text.projection.*, "
         "logit_scale, LoRA of the text tower) into an LLM2CLIP4CXR checkpoint. Loaded with "
         "torch.load(weights_only=True): pickles that need code are refused.",
+        parents=[common.JSON],
     )
     clip.add_argument("state_dict", help="the published .bin/.pt state dict (or .safetensors)")
     clip.add_argument("destination", help="output folder (must not exist)")
@@ -44,11 +45,10 @@ def register(commands) -> None:
     clip.add_argument("--vision-head-dim", type=int, default=64, help="vision head size when the state dict has no rotary tables")
     clip.add_argument("--rope-pretrain-grid", type=int, default=16, help="patch grid of the rotary pretraining (16)")
     clip.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    clip.add_argument("--json", action="store_true", help="print the summary as JSON")
-    clip.set_defaults(handler=_convert_llm2clip4cxr)
+    clip.set_defaults(handler=run_llm2clip4cxr)
 
 
-def _convert_llm2vec4cxr(args) -> int:
+def run_llm2vec4cxr(args) -> int:
     from ..conversion import convert_llm2vec4cxr
 
     summary = convert_llm2vec4cxr(
@@ -63,10 +63,10 @@ def _convert_llm2vec4cxr(args) -> int:
         + (f"; dropped unused {', '.join(summary['dropped_keys'])}" if summary["dropped_keys"] else "")
         + "."
     )
-    return _emit(args, summary, text)
+    return common.emit(args, summary, text)
 
 
-def _convert_llm2clip4cxr(args) -> int:
+def run_llm2clip4cxr(args) -> int:
     from ..conversion import convert_llm2clip4cxr
 
     summary = convert_llm2clip4cxr(
@@ -80,4 +80,4 @@ def _convert_llm2clip4cxr(args) -> int:
         f"{vision['hidden_size']} at {vision['image_size']} px, projection {summary['projection_dim']}, LoRA adapter "
         f"{summary['merged_lora_adapter']!r} merged into {summary['merged_lora_modules']} modules."
     )
-    return _emit(args, summary, text)
+    return common.emit(args, summary, text)

@@ -2,17 +2,19 @@
 
 import json
 
+from ..data.corpora import LAYOUTS
+from ..data.prepare import SECTION_REQUIREMENTS
+from . import common
+
 
 def register(commands) -> None:
-    from ..data.corpora import LAYOUTS
-    from ..data.prepare import SECTION_REQUIREMENTS
-
     parser = commands.add_parser(
         "prepare", help="turn a downloaded MIMIC-CXR-JPG / CheXpert Plus / IU X-ray folder into a training dataset",
         description="Read a downloaded corpus folder, parse report sections, filter, split (official split, else "
         "by patient), check every image (optionally resizing it once) and write parquet shards plus "
         "summary.json to --output. Rerunning the same command after an interruption resumes it. "
         "Load the result with llm2clip4cxr.data.load_prepared or pass it as --data to the training recipes.",
+        parents=[common.NO_WAIT, common.JSON],
     )
     parser.add_argument("layout", choices=(*sorted(LAYOUTS), "auto"), help="the corpus layout (auto: detect it)")
     parser.add_argument("source", help="the downloaded dataset folder")
@@ -37,14 +39,10 @@ def register(commands) -> None:
                         help="reports only (for text-encoder training): one row per study, images not read")
     parser.add_argument("--shard-size", type=int, default=1000, help="rows per parquet shard (the unit of resuming)")
     parser.add_argument("--num-workers", type=int, default=None, help="image worker processes (default: all cores)")
-    parser.add_argument("--no-wait", action="store_true",
-                        help="if another run is preparing into --output, fail at once instead of waiting for it")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.set_defaults(handler=_prepare)
+    parser.set_defaults(handler=run)
 
 
-def _prepare(args) -> int:
-    from ..cli import EXIT_OK
+def run(args) -> int:
     from ..data.prepare import PrepareOptions, format_summary, prepare
 
     if args.text_only and args.unit == "image":
@@ -57,9 +55,7 @@ def _prepare(args) -> int:
     )
     if args.num_workers is not None and args.num_workers < 1:
         raise ValueError(f"--num-workers must be at least 1, got {args.num_workers}.")
-    from ..cli import _waiting_message
-
     summary = prepare(args.source, args.output, options, num_workers=args.num_workers, progress=not args.json,
-                      wait=not args.no_wait, on_wait=_waiting_message(args))
+                      wait=not args.no_wait, on_wait=common.waiting_message(args))
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary, args.output))
-    return EXIT_OK
+    return common.EXIT_OK

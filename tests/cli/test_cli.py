@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from llm2clip4cxr import LLM2Vec4CXRModel
 
-from .conftest import INSTRUCTION
-from .shared_data import needs_openi
+from ..conftest import INSTRUCTION
+from ..shared_data import needs_openi
 
 REPORTS = ["No acute cardiopulmonary process.", "Small right pleural effusion.", "No pneumothorax."]
 

@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import llm2clip4cxr.cli as cli
+import llm2clip4cxr.cli.common as cli_common
 from llm2clip4cxr import fileio
 from llm2clip4cxr.cli import main
 
-from .conftest import INSTRUCTION
-from .shared_data import XRV, needs_samples
+from ..conftest import INSTRUCTION
+from ..shared_data import ROOT, XRV, needs_samples
 from .test_cli import REPORTS, saved_model, write_csv
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGE = XRV / "00000001_000.png"
 
 
@@ -57,7 +56,7 @@ def test_unexpected_errors_are_one_line_with_a_debug_hint(tmp_path, capsys, monk
     def broken(*args, **kwargs):
         raise KeyError("boom")
 
-    monkeypatch.setattr(cli, "_read_texts", broken)
+    monkeypatch.setattr(cli_common, "read_texts", broken)
     csv_path = write_csv(tmp_path / "reports.csv")
     code, _, err = run(capsys, "similar", "query", "--csv", csv_path)
     assert code == 1
@@ -106,7 +105,7 @@ def test_output_folders_are_created_before_any_model_work(tmp_path, capsys, monk
     def no_model(*args, **kwargs):
         pytest.fail("the model was loaded before the output folder was known to be usable")
 
-    monkeypatch.setattr(cli, "_load_text_encoder", no_model)
+    monkeypatch.setattr(cli_common, "load_text_encoder", no_model)
     (tmp_path / "a-file").write_text("x")
     code, _, err = run(capsys, "similarity", *REPORTS, "--output", tmp_path / "a-file" / "table.txt")
     assert code == 1 and "a-file" in one_error_line(err, "similarity")
@@ -362,13 +361,13 @@ def test_a_second_writer_fails_with_no_wait_or_waits_with_a_message(tmp_path, ca
         code, out, err = run(capsys, "index", "build", "--csv", csv_path, "--output", output, "--no-wait", "--json")
         assert code == 1 and json.loads(out)["kind"] == "locked" and "being written by another process" in out
 
-        waiting, original = threading.Event(), cli._waiting_message
+        waiting, original = threading.Event(), cli_common.waiting_message
 
         def tell_then_signal(args):
             tell = original(args)
             return lambda lock_file: (tell(lock_file), waiting.set())
 
-        monkeypatch.setattr(cli, "_waiting_message", tell_then_signal)
+        monkeypatch.setattr(cli_common, "waiting_message", tell_then_signal)
         result = {}
         builder = threading.Thread(target=lambda: result.update(code=main(
             ["index", "build", "--csv", str(csv_path), "--output", str(output), "--json"])))

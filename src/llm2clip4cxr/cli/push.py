@@ -2,6 +2,8 @@
 
 import json
 
+from . import common
+
 DESCRIPTION = """\
 Upload a saved LLM2Vec4CXR / LLM2CLIP4CXR checkpoint (or a peft LoRA adapter folder) to the Hub.
 Before uploading, the folder must hold safetensors weights only (pickle files are refused) and load in a
@@ -13,7 +15,9 @@ results (--results, default the folder's results.json) as its model-index. Authe
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("push", help="publish a checkpoint on the Hugging Face Hub", description=DESCRIPTION)
+    parser = commands.add_parser(
+        "push", help="publish a checkpoint on the Hugging Face Hub", description=DESCRIPTION, parents=[common.JSON]
+    )
     parser.add_argument("model_dir", help="a folder written by save_pretrained, or a peft adapter folder")
     parser.add_argument("--repo-id", required=True, help="the Hub repository, ORG/NAME (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
@@ -30,12 +34,10 @@ def register(commands) -> None:
     parser.add_argument("--no-verify", action="store_true", help="skip the fresh-process load checks (not recommended)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="also verify loading through the folder's own Python files (runs them)")
-    parser.add_argument("--json", action="store_true", help="print the plan (files, checks, card, commit URL) as JSON")
-    parser.set_defaults(handler=_push)
+    parser.set_defaults(handler=run)
 
 
-def _push(args) -> int:
-    from ..cli import EXIT_OK
+def run(args) -> int:
     from ..hub import push_to_hub
 
     plan = push_to_hub(
@@ -47,11 +49,11 @@ def _push(args) -> int:
     )
     if args.json:
         print(json.dumps({**plan.to_dict(), "dry_run": args.dry_run}, indent=2))
-        return EXIT_OK
+        return common.EXIT_OK
     print(plan.describe())
     if args.dry_run:
         print(f"dry run: nothing was sent to {args.repo_id}.")
     elif plan.commit is not None:
         where = getattr(plan.commit, "pr_url", None) or getattr(plan.commit, "commit_url", None)
         print(f"pushed {len(plan.paths_in_repo())} files to {args.repo_id}: {where}")
-    return EXIT_OK
+    return common.EXIT_OK

@@ -1,0 +1,265 @@
+"""What the subcommands share: the options several of them take (argparse parent parsers, so each is declared
+once), and the steps around their work: refusing an output that would overwrite an input, taking the output's
+lock, loading the text encoder, reading texts, writing the result.
+
+Everything heavy (torch, transformers, datasets, faiss) is imported inside the function that needs it, so
+building the parser, and with it every --help, stays fast.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import InputError
+from ..fileio import atomic_write
+from ..fileio import output_lock as _output_lock
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+
+INSTRUCTION_HELP = (
+    "instruction prepended to every report and pooled out (default: the one the model was trained with; "
+    '"" for none)'
+)
+TRUST_HELP = (
+    "let the model folder run Python code it ships (never needed for checkpoints of this package; without it "
+    "such a folder is refused)"
+)
+
+
+# ----------------------------------------------------------------------------------------------- option types
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- shared options
+
+
+def _options() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(add_help=False)
+
+
+# Pass these as `parents=[...]` to `add_parser`: the same options, the same help, in every command.
+JSON = _options()
+JSON.add_argument("--json", action="store_true", help='print JSON for machines (an error too: {"error", "kind"})')
+
+OUTPUT = _options()
+OUTPUT.add_argument("--output", help="write the result to this file instead of stdout")
+
+TRUST = _options()
+TRUST.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+
+TOP_K = _options()
+TOP_K.add_argument("--top-k", type=positive_int, default=5, help="results per query (default: 5)")
+
+NO_WAIT = _options()
+NO_WAIT.add_argument(
+    "--no-wait", action="store_true",
+    help="if another run is writing the same output (or work folder), fail at once instead of waiting for it",
+)
+
+CHUNKS = _options()
+CHUNKS.add_argument(
+    "--chunk-size", type=positive_int, default=10_000,
+    help="texts per chunk file: a killed run resumes from its finished chunks (default: 10000)",
+)
+CHUNKS.add_argument(
+    "--work-dir", help="folder for the chunk files until the run completes (default: OUTPUT.chunks beside --output)"
+)
+
+HYBRID = _options()
+HYBRID.add_argument(
+    "--hybrid", action="store_true",
+    help="fuse the dense ranking with BM25 (bm25s): scores become fusion scores (docs/retrieval.md)",
+)
+HYBRID.add_argument(
+    "--fusion", choices=("rrf", "normalized"), default="rrf",
+    help="--hybrid fusion: reciprocal-rank (default, k=60, equal weights) or min-max normalised scores",
+)
+
+
+def model_options(
+    model_help: str = "a saved LLM2Vec4CXR checkpoint directory (default: the shipped LLM2Vec4CXR-tiny)",
+    instruction_help: str = INSTRUCTION_HELP,
+    batch_size: int = 32,
+    required: bool = False,
+) -> argparse.ArgumentParser:
+    """--model, --instruction and --batch-size, with the defaults of one command."""
+    options = _options()
+    options.add_argument("--model", required=required, help=model_help)
+    options.add_argument("--instruction", default=None, help=instruction_help)
+    options.add_argument("--batch-size", type=positive_int, default=batch_size)
+    return options
+
+
+def csv_options(required: bool) -> argparse.ArgumentParser:
+    """--csv, --column and --id-column: the report texts of a table file."""
+    options = _options()
+    options.add_argument("--csv", required=required, help="a UTF-8 CSV file with a header row")
+    options.add_argument(
+        "--column", default="findings", help="the CSV column holding the report texts (default: findings)"
+    )
+    options.add_argument(
+        "--id-column", default=None, help="the CSV column holding unique ids (default: the position among non-empty rows)"
+    )
+    return options
+
+
+# ----------------------------------------------------------------------------------------------- around the work
+
+
+def command_name(args) -> str:
+    """The subcommand as typed ("index build"), for messages."""
+    parts = [args.command] + [getattr(args, key, None) for key in ("index_command", "direction", "convert_kind")]
+    return " ".join(part for part in parts if part)
+
+
+def waiting_message(args):
+    """What to tell the user before waiting for another run's output lock."""
+
+    def tell(lock_file: Path) -> None:
+        print(f"llm2clip4cxr {command_name(args)}: another run is writing this output (lock {lock_file}); "
+              "waiting for it to finish (--no-wait fails instead)", file=sys.stderr)
+
+    return tell
+
+
+def output_lock(args, target: Path, inside: bool = False):
+    """`fileio.output_lock` of `target`, waiting (with a message) unless --no-wait."""
+    return _output_lock(target, wait=not args.no_wait, inside=inside, on_wait=waiting_message(args))
+
+
+def refuse_outputs_over_inputs(outputs: dict, inputs: dict) -> None:
+    """Refuse an output that is an input, or lies inside an input folder (writing it would change the
+    input), or a work folder (deleted at the end) that holds an input. Keys name the arguments."""
+
+    def resolved(value):
+        return [Path(value).resolve()] if isinstance(value, (str, os.PathLike)) else [Path(v).resolve() for v in value]
+
+    for out_name, out in outputs.items():
+        if out is None:
+            continue
+        target = Path(out).resolve()
+        for in_name, given in inputs.items():
+            if given is None:
+                continue
+            for source in resolved(given):
+                same = target == source or (target.exists() and source.exists() and os.path.samefile(target, source))
+                if same or source in target.parents:
+                    raise InputError(
+                        f"{out_name} {out} {'is' if same else 'lies inside'} the input {in_name} {source}; writing it "
+                        "would change the input: choose another output path."
+                    )
+                if out_name == "--work-dir" and target in source.parents:
+                    raise InputError(
+                        f"--work-dir {out} holds the input {in_name} {source} and is deleted when the run ends: "
+                        "choose another work folder."
+                    )
+
+
+def create_parent(output) -> None:
+    """Create the folder of an output file now, so a missing or unwritable one fails before any model work."""
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+
+
+def emit(args, payload: dict, text: str) -> int:
+    """Print (or write to --output, atomically) `payload` as JSON with --json, else `text`."""
+    out = json.dumps(payload, indent=2) if args.json else text
+    if getattr(args, "output", None):
+        atomic_write(args.output, lambda path: path.write_text(out + "\n", encoding="utf-8"))
+    else:
+        print(out)
+    return EXIT_OK
+
+
+def quiet(load, *args):
+    """Call a model loader with transformers' logging and progress bars off (stderr is for the user)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    return load(*args)
+
+
+def load_text_encoder(model_path: str | None, trust_remote_code: bool = False):
+    """The checkpoint at `model_path`, else the default encoder shipped in the package."""
+    from .. import LLM2Vec4CXRModel
+    from ..checkpoints import check_model_folder, remote_code_guard
+    from ..defaults import load_default_text_encoder
+
+    if model_path is None:
+        return quiet(load_default_text_encoder)
+    path = check_model_folder(model_path, "--model", "LLM2Vec4CXR checkpoint")
+    with remote_code_guard(path, trust_remote_code) as remote:
+        return quiet(lambda: LLM2Vec4CXRModel.from_pretrained(path, **remote)).eval()
+
+
+def text_encoder(model, instruction, batch_size):
+    """texts -> float32 (n, d) L2-normalised embeddings (the cosine space `similarity` also uses)."""
+    from ..retrieval.encoders import llm2vec_encoder
+
+    return llm2vec_encoder(model, instruction=instruction, batch_size=batch_size)
+
+
+def read_texts(path, column: str, id_column: str | None = None, extra_columns=()):
+    """The non-empty cells of `column` as a `datasets.Dataset` with columns id, text and `extra_columns`."""
+    from ..data.tables import load_text_dataset
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--csv {path}: no such file.")
+    return load_text_dataset(path, column, id_column, extra_columns)
+
+
+def input_texts(args):
+    """Texts from the positional arguments or from `--csv FILE --column COL`, as a `datasets.Dataset`."""
+    import datasets
+
+    if args.csv:
+        if args.texts:
+            raise ValueError("give texts as arguments or with --csv, not both.")
+        return read_texts(args.csv, args.column, getattr(args, "id_column", None))
+    texts = [text for text in args.texts if text.strip()]
+    if not texts:
+        raise ValueError("no input text: give texts as arguments or --csv FILE --column COL.")
+    return datasets.Dataset.from_dict({"id": [str(i) for i in range(len(texts))], "text": texts})
+
+
+def work_dir(args, output: Path) -> Path:
+    """Where chunks are kept until the run completes: --work-dir, else `<output>.chunks` beside the output."""
+    return Path(args.work_dir) if args.work_dir else output.with_name(output.name + ".chunks")
+
+
+def encoder_name(args) -> str:
+    """What the embeddings depend on besides the texts; a resumed run must match it."""
+    model = str(Path(args.model).resolve()) if args.model else "default"
+    return json.dumps({"model": model, "instruction": args.instruction, "normalized": args.command != "encode"})
+
+
+def embed_collection(dataset, encode, args, folder: Path):
+    """Embed `dataset["text"]` in resumable chunks under `folder` (removed once the result is used)."""
+    from ..retrieval.embedding import embed_in_chunks
+
+    return embed_in_chunks(
+        dataset, encode, folder, chunk_size=args.chunk_size, encoder_name=encoder_name(args), progress=not args.json
+    )
