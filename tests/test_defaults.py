@@ -14,7 +14,7 @@ from transformers import AutoModel
 import llm2clip4cxr
 from llm2clip4cxr.defaults import default_model_path, load_default_text_encoder
 
-from .test_remote_code import FRESH_PROCESS, MODELING_DIR
+from .modeling.test_remote_code import FRESH_PROCESS, MODELING_DIR
 
 REPORTS = ["No acute cardiopulmonary process.", "Small left pleural effusion.", "Large left pleural effusion."]
 

@@ -1,61 +1,60 @@
 """llm2clip4cxr: LLM-based report encoders (LLM2Vec4CXR) and image-report models (LLM2CLIP4CXR) for chest
 X-ray retrieval.
 
-Importing the package registers the model classes with transformers' Auto classes, so saved
-checkpoints load with `AutoModel.from_pretrained(path)` without `trust_remote_code`.
+Importing the package registers the model classes with transformers' Auto classes, so saved checkpoints load
+with `AutoModel.from_pretrained(path)` without `trust_remote_code` (see `registration`: the registration runs
+as soon as transformers is imported, so that this import itself stays light).
+
+The names below are imported on first use (PEP 562 `__getattr__`): `import llm2clip4cxr` does not import torch
+or transformers, which keeps the `llm2clip4cxr` command's --help fast.
+
+Subpackages: `data` (reports, corpora, prepare, images), `augment` (report variants, synthetic reports),
+`training` (losses, recipe blocks), `retrieval` (encoders, chunked embedding, index, hybrid search, zero-shot),
+`evaluation` (tasks, harness, metrics, baselines), `conversion` (published weights), `hub` (cards, push,
+checks), `cli` (the command line) and `modeling` (the model code every checkpoint carries).
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForZeroShotImageClassification,
-    AutoProcessor,
-)
+import importlib
+import importlib.util
 
-from .defaults import default_model_path, load_default_text_encoder
-
-from .modeling.configuration_eva02 import EVA02VisionConfig
-from .modeling.configuration_llm2clip4cxr import LLM2CLIP4CXRConfig
-from .modeling.configuration_llm2vec4cxr import LLM2Vec4CXRConfig
-from .modeling.modeling_eva02 import EVA02VisionModel
-from .modeling.modeling_llm2clip4cxr import LLM2CLIP4CXRModel
-from .modeling.modeling_llm2vec4cxr import (
-    CheckpointMismatchError,
-    LLM2Vec4CXRModel,
-    LLM2Vec4CXRPreTrainedModel,
-    LLM2Vec4CXRSentenceEncoder,
-)
-from .modeling.processing_llm2clip4cxr import LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRProcessor
-
-AutoConfig.register(LLM2Vec4CXRConfig.model_type, LLM2Vec4CXRConfig, exist_ok=True)
-AutoModel.register(LLM2Vec4CXRConfig, LLM2Vec4CXRModel, exist_ok=True)
-AutoConfig.register(LLM2CLIP4CXRConfig.model_type, LLM2CLIP4CXRConfig, exist_ok=True)
-AutoModel.register(LLM2CLIP4CXRConfig, LLM2CLIP4CXRModel, exist_ok=True)
-AutoModelForZeroShotImageClassification.register(LLM2CLIP4CXRConfig, LLM2CLIP4CXRModel, exist_ok=True)
-# One plain-torch implementation serves whichever backend AutoImageProcessor asks for (it needs neither
-# torchvision nor Pillow), so no "backend not available" fallback warning is logged.
-AutoImageProcessor.register(
-    LLM2CLIP4CXRConfig,
-    image_processor_classes={"torchvision": LLM2CLIP4CXRImageProcessor, "pil": LLM2CLIP4CXRImageProcessor},
-    exist_ok=True,
-)
-AutoProcessor.register(LLM2CLIP4CXRConfig, LLM2CLIP4CXRProcessor, exist_ok=True)
+from .registration import register_when_transformers_loads
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointMismatchError",
-    "EVA02VisionConfig",
-    "EVA02VisionModel",
-    "LLM2CLIP4CXRConfig",
-    "LLM2CLIP4CXRImageProcessor",
-    "LLM2CLIP4CXRModel",
-    "LLM2CLIP4CXRProcessor",
-    "LLM2Vec4CXRConfig",
-    "LLM2Vec4CXRModel",
-    "LLM2Vec4CXRPreTrainedModel",
-    "LLM2Vec4CXRSentenceEncoder",
-    "default_model_path",
-    "load_default_text_encoder",
-]
+# Public name -> the module defining it.
+_EXPORTS = {
+    "CheckpointMismatchError": ".modeling.modeling_llm2vec4cxr",
+    "EVA02VisionConfig": ".modeling.configuration_eva02",
+    "EVA02VisionModel": ".modeling.modeling_eva02",
+    "LLM2CLIP4CXRConfig": ".modeling.configuration_llm2clip4cxr",
+    "LLM2CLIP4CXRImageProcessor": ".modeling.processing_llm2clip4cxr",
+    "LLM2CLIP4CXRModel": ".modeling.modeling_llm2clip4cxr",
+    "LLM2CLIP4CXRProcessor": ".modeling.processing_llm2clip4cxr",
+    "LLM2Vec4CXRConfig": ".modeling.configuration_llm2vec4cxr",
+    "LLM2Vec4CXRModel": ".modeling.modeling_llm2vec4cxr",
+    "LLM2Vec4CXRPreTrainedModel": ".modeling.modeling_llm2vec4cxr",
+    "LLM2Vec4CXRSentenceEncoder": ".modeling.modeling_llm2vec4cxr",
+    "default_model_path": ".defaults",
+    "load_default_text_encoder": ".defaults",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        value = importlib.import_module(f".{name}", __name__)  # `llm2clip4cxr.modeling` as the eager package had it
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups find it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+register_when_transformers_loads()

@@ -22,12 +22,22 @@ COMMANDS = [
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_every_subcommand_has_help(command, capsys):
-    # In-process: a subprocess per command would spend ~4 s each importing torch to print a usage text.
+    # In-process: quicker than a subprocess per command (benchmarks/cli_startup.py times those).
     from llm2clip4cxr.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: llm2clip4cxr " + " ".join(command))
+
+
+def test_building_the_parser_imports_no_heavy_library():
+    """What keeps every --help under a second: the subcommands import torch, transformers, datasets and faiss
+    only when they run."""
+    script = ("import json, sys\nfrom llm2clip4cxr.cli import build_parser\nbuild_parser()\n"
+              "print(json.dumps([m for m in ('torch', 'transformers', 'datasets', 'faiss') if m in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
 
 
 def run(*args):

@@ -18,7 +18,7 @@ from llm2clip4cxr import CheckpointMismatchError, LLM2CLIP4CXRModel, LLM2CLIP4CX
 from llm2clip4cxr.cli import main as cli_main
 from llm2clip4cxr.conversion import convert_llm2clip4cxr, convert_llm2vec4cxr, load_state_dict_file
 
-from ..test_remote_code import REFUSE_PACKAGE
+from ..modeling.test_remote_code import REFUSE_PACKAGE
 
 SEPARATOR = "!@#$%^&*()"
 # As the authors' tutorial and training data: "instruction; " + separator + report.

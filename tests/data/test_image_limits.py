@@ -15,7 +15,7 @@ from llm2clip4cxr.retrieval import image_encoder
 
 from ..shared_data import XRV, needs_samples
 from .test_imaging import MONO2_DICOM, write_dicom
-from ..test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
+from ..modeling.test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
 
 PNG = XRV / "00000001_000.png"
 

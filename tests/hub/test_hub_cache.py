@@ -10,7 +10,7 @@ import torch
 
 from llm2clip4cxr.defaults import default_model_path, load_default_text_encoder
 
-from ..test_remote_code import REFUSE_PACKAGE
+from ..modeling.test_remote_code import REFUSE_PACKAGE
 
 REPO_ID = "llm2clip4cxr-test/llm2vec4cxr-tiny"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -12,7 +12,7 @@ from llm2clip4cxr.retrieval import find_images, image_encoder, rank, report_enco
 from ..shared_data import XRV as SAMPLES
 from ..shared_data import needs_samples
 from ..cli.test_cli import write_csv
-from ..test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
+from ..modeling.test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
 
 REPORTS = [("a", "Small right pleural effusion."), ("b", "No acute cardiopulmonary process."),
            ("c", "Heart size is enlarged."), ("d", "Left lower lobe opacity.")]

@@ -32,7 +32,7 @@ from llm2clip4cxr.training.losses import clip_loss as gathered_clip_loss
 from llm2clip4cxr.modeling.modeling_llm2clip4cxr import clip_loss
 from llm2clip4cxr.retrieval.zero_shot import zero_shot_classify
 
-from .conftest import INSTRUCTION
+from ..conftest import INSTRUCTION
 from .test_remote_code import REFUSE_PACKAGE
 
 MODELING_DIR = Path(llm2clip4cxr.modeling.__file__).parent

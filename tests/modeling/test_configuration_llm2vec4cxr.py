@@ -4,7 +4,7 @@ from transformers import AutoConfig, GPT2Config, LlamaConfig
 from llm2clip4cxr import LLM2Vec4CXRConfig
 from llm2clip4cxr.training.factory import backbone_config_dict
 
-from .conftest import FAMILIES
+from ..conftest import FAMILIES
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from llm2clip4cxr import CheckpointMismatchError, LLM2Vec4CXRModel
 
-from .conftest import FAMILIES, INSTRUCTION
+from ..conftest import FAMILIES, INSTRUCTION
 
 POOLING_MODES = ("mean", "weighted_mean", "eos", "latent_attention")
 

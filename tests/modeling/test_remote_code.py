@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel
 import llm2clip4cxr
 from llm2clip4cxr import LLM2Vec4CXRModel
 
-from .conftest import INSTRUCTION
+from ..conftest import INSTRUCTION
 
 MODELING_DIR = Path(llm2clip4cxr.modeling.__file__).parent
 ALLOWED_IMPORTS = {"torch", "transformers", "json", "os", "math", "warnings", "collections", "dataclasses", "typing", "concurrent", "pathlib", "shutil"}  # stdlib, torch, transformers

@@ -10,8 +10,8 @@ from transformers import AutoImageProcessor, AutoProcessor
 from llm2clip4cxr import LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRProcessor
 from llm2clip4cxr.data.imaging import CLIP_MEAN, CLIP_STD, ImagePreprocessor, load_image
 
-from .conftest import INSTRUCTION
-from .shared_data import XRV, needs_samples
+from ..conftest import INSTRUCTION
+from ..shared_data import XRV, needs_samples
 
 NON_SQUARE_JPEG = XRV / "16747_3_1.jpg"  # 1036 wide x 885 high, RGB
 GRAY_PNG = XRV / "00000001_000.png"  # 512 x 512, 8-bit "L", pixels 0..255
