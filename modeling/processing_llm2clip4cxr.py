@@ -94,6 +94,12 @@ class LLM2CLIP4CXRImageProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         self._set_attributes(**kwargs)
 
+    def check_settings(self) -> None:
+        """Raise ValueError if the processor's own settings are unusable: the check every call makes, done now
+        (for a caller that wants bad settings refused at construction)."""
+        settings = {name: getattr(self, name, None) for name in self._valid_kwargs_names}
+        self._validate_preprocess_kwargs(**self._standardize_kwargs(**settings))
+
     def _validate_preprocess_kwargs(
         self,
         size=None,

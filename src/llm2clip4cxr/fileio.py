@@ -1,15 +1,18 @@
 """Safe writes: a reader (or a resumed run) never sees half a file, two writers never interleave, files
 honour the umask.
 
-- `atomic_write(path, write)`: one file, through a hidden temp file and a rename.
+- `atomic_write(path, write)`: one file, through a hidden temp file and a rename; `atomic_write_text` and
+  `atomic_write_json` for the common cases.
 - `atomic_write_folder(path, write)`: a whole folder, through a hidden temp folder and a rename.
 - `output_lock(path)`: the inter-process lock (the `filelock` package) a writer of `path` holds; a second
   writer waits for it, or fails at once with `OutputLockedError`.
 - `remove_partial_writes(folder)`: the temp files a killed writer left behind.
+- `start_or_resume(folder, ...)`: begin a resumable output folder, or check that the one there was begun alike.
 """
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -24,12 +27,15 @@ from .errors import OutputLockedError
 __all__ = [
     "atomic_write",
     "atomic_write_folder",
+    "atomic_write_json",
+    "atomic_write_text",
     "fsync_directory",
     "is_partial_write",
     "lock_path",
     "output_lock",
     "remove_partial_writes",
     "sha256_file",
+    "start_or_resume",
 ]
 
 _TEMP_MARK = ".tmp"
@@ -125,6 +131,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
         raise
     _step("replaced")
     fsync_directory(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`text` written to `path` as UTF-8, through `atomic_write`."""
+    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, payload, **dumps_options) -> None:
+    """`payload` as JSON (`json.dumps(payload, **dumps_options)` and a newline), through `atomic_write`."""
+    atomic_write_text(path, json.dumps(payload, **dumps_options) + "\n")
+
+
+def start_or_resume(
+    folder: Path,
+    manifest_name: str,
+    manifest: dict,
+    check: Callable[[dict], None],
+    not_resumable: Callable[[], Exception],
+) -> bool:
+    """Begin the resumable output `folder`, or resume it: returns True when resuming.
+
+    If `folder/manifest_name` exists, it is what started the folder: `check(saved manifest)` raises when that
+    run was started differently (other options, other data), so that two runs never mix their output.
+    Otherwise `folder` must be new or empty (else `not_resumable()` is raised: it holds something else); it is
+    created and `manifest` written into it atomically.
+    """
+    path = folder / manifest_name
+    if path.is_file():
+        check(json.loads(path.read_text(encoding="utf-8")))
+        return True
+    if folder.exists() and any(folder.iterdir()):
+        raise not_resumable()
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, manifest, indent=2, sort_keys=True)
+    return False
 
 
 def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:

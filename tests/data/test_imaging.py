@@ -313,7 +313,7 @@ def test_default_normalisation_is_clip():
     [
         ({"size": 0}, r"`size` must be a positive int, got 0"),
         ({"mean": (0.5,)}, r"`mean` and `std` need 3 values"),
-        ({"std": (0.2, 0.0, 0.2)}, r"`std` finite and positive"),
+        ({"std": (0.2, 0.0, 0.2)}, r"`image_std` must be positive"),  # checked by the image processor itself
         ({"resample": "nearest"}, r"`resample` must be one of \('bicubic', 'bilinear'\), got 'nearest'"),
     ],
 )

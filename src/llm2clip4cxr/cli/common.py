@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from ..fileio import atomic_write
+from ..fileio import atomic_write_text
 from ..fileio import output_lock as _output_lock
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -187,7 +187,7 @@ def emit(args, payload: dict, text: str) -> int:
     """Print (or write to --output, atomically) `payload` as JSON with --json, else `text`."""
     out = json.dumps(payload, indent=2) if args.json else text
     if getattr(args, "output", None):
-        atomic_write(args.output, lambda path: path.write_text(out + "\n", encoding="utf-8"))
+        atomic_write_text(args.output, out + "\n")
     else:
         print(out)
     return EXIT_OK

@@ -360,15 +360,13 @@ class ImagePreprocessor:
         pad_value: float = 0.0,
         resample: str = "bicubic",
     ) -> None:
+        # What this class adds to the image processor's settings: an int size, three channels, resample by name.
+        # The values themselves (finite mean, positive std, finite pad_value) are the image processor's to check.
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"`size` must be a positive int, got {size!r}.")
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"`mean` and `std` need 3 values (one per channel), got mean={mean}, std={std}.")
-        if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
-            raise ValueError(f"`mean` must be finite and `std` finite and positive, got mean={mean}, std={std}.")
-        if not np.isfinite(pad_value):
-            raise ValueError(f"`pad_value` must be a finite intensity on the [0, 1] scale, got {pad_value!r}.")
         if resample not in self._RESAMPLE:
             raise ValueError(f"`resample` must be one of {self._RESAMPLE}, got {resample!r}.")
         self.size = int(size)
@@ -383,6 +381,7 @@ class ImagePreprocessor:
             image_std=list(std),
             pad_value=self.pad_value,
         )
+        self.image_processor.check_settings()  # refused now, not at the first image
 
     def get_config_dict(self) -> dict[str, Any]:
         """Constructor arguments, so `ImagePreprocessor(**config)` rebuilds an identical preprocessor."""

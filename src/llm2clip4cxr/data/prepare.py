@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .corpora import CorpusRead, read_corpus
 from ..errors import InputError
-from ..fileio import atomic_write, output_lock, remove_partial_writes
+from ..fileio import atomic_write, atomic_write_json, output_lock, remove_partial_writes, start_or_resume
 from .tables import datasets_progress_bars_off
 
 __all__ = [
@@ -218,11 +218,6 @@ def _prepared_image_path(source_relative: str, image_format: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _atomic_write_json(path: Path, payload) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
-
-
 def _shard_plan(by_split: dict[str, list[dict]], shard_size: int) -> list[dict]:
     shards = []
     for split, rows in by_split.items():
@@ -240,9 +235,8 @@ def _digest(payload) -> str:
 def _check_or_start(output: Path, manifest: dict) -> bool:
     """Start a new prepared folder, or check that `output` was started with the same options and plan.
     Returns True when resuming."""
-    path = output / MANIFEST
-    if path.is_file():
-        existing = json.loads(path.read_text(encoding="utf-8"))
+
+    def same_run(existing: dict) -> None:
         differing = sorted(key for key in set(existing["options"]) | set(manifest["options"])
                            if existing["options"].get(key) != manifest["options"].get(key))
         if existing.get("source") != manifest["source"]:
@@ -255,13 +249,11 @@ def _check_or_start(output: Path, manifest: dict) -> bool:
         if existing.get("plan_digest") != manifest["plan_digest"]:
             raise ValueError(f"{output} was prepared from other source files (the planned rows differ: the source "
                              "folder changed since); delete it to start over.")
-        return True
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output} exists, is not empty and holds no {MANIFEST}: it is not a prepared folder "
-                              "to resume; choose an empty or new --output folder.")
-    output.mkdir(parents=True, exist_ok=True)
-    _atomic_write_json(path, manifest)
-    return False
+
+    return start_or_resume(output, MANIFEST, manifest, same_run, lambda: FileExistsError(
+        f"{output} exists, is not empty and holds no {MANIFEST}: it is not a prepared folder to resume; choose an "
+        "empty or new --output folder."
+    ))
 
 
 def _label_kind(by_split: dict[str, list[dict]]) -> str | None:
@@ -426,15 +418,15 @@ def _prepare(source, output, options: PrepareOptions | None, num_workers: int | 
                 out = _shard_rows(rows, results, options, problems)
             if out:
                 _write_parquet(out, features, output / "data" / f"{shard['name']}.parquet")
-            _atomic_write_json(output / "shards" / f"{shard['name']}.json",
-                               {"rows": len(out), "planned": len(rows), "dropped": problems})
+            atomic_write_json(output / "shards" / f"{shard['name']}.json",
+                              {"rows": len(out), "planned": len(rows), "dropped": problems}, indent=2, sort_keys=True)
     finally:
         bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
 
     summary = _summarise(output, manifest, shards, dropped, resumed_shards=len(shards) - len(todo))
-    _atomic_write_json(output / SUMMARY, summary)
+    atomic_write_json(output / SUMMARY, summary, indent=2, sort_keys=True)
     return summary
 
 

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, atomic_write_json, atomic_write_text
 from .tasks import (
     Model,
     clinical_ordering,
@@ -197,10 +197,8 @@ def write_results(results: Mapping, output_dir) -> dict[str, Path]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: output_dir / name for name in RESULT_FILES}
-    json_text = json.dumps(results, indent=2, sort_keys=True) + "\n"
-    atomic_write(paths["results.json"], lambda path: path.write_text(json_text, encoding="utf-8"))
-    markdown = results_markdown(results)
-    atomic_write(paths["results.md"], lambda path: path.write_text(markdown, encoding="utf-8"))
+    atomic_write_json(paths["results.json"], results, indent=2, sort_keys=True)
+    atomic_write_text(paths["results.md"], results_markdown(results))
     atomic_write(paths["recall.png"], lambda path: _plot_recall(results, path))
     return paths
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_write, output_lock, remove_partial_writes
+from ..fileio import atomic_write, output_lock, remove_partial_writes, start_or_resume
 
 __all__ = ["EMBEDDINGS_FILE", "embed_in_chunks"]
 
@@ -133,9 +133,7 @@ def _fingerprint(dataset, column: str) -> str:
 
 
 def _check_or_write_manifest(output_dir: Path, manifest: dict) -> None:
-    path = output_dir / _MANIFEST_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
+    def same_run(saved: dict) -> None:
         differing = sorted(key for key in manifest if saved.get(key) != manifest[key])
         if differing:
             details = ", ".join(f"{key}: {saved.get(key)!r} there, {manifest[key]!r} now" for key in differing)
@@ -143,12 +141,10 @@ def _check_or_write_manifest(output_dir: Path, manifest: dict) -> None:
                 f"{output_dir} holds embeddings of another run ({details}). Use a new output folder, or delete "
                 "this one to start over."
             )
-        return
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise ValueError(f"{output_dir} is not empty and holds no {_MANIFEST_FILE}: give an empty or new folder.")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(manifest, indent=2) + "\n"
-    atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+    start_or_resume(output_dir, _MANIFEST_FILE, manifest, same_run, lambda: ValueError(
+        f"{output_dir} is not empty and holds no {_MANIFEST_FILE}: give an empty or new folder."
+    ))
 
 
 def _existing_dim(paths: Sequence[Path]) -> int | None:

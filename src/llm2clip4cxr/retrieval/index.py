@@ -48,7 +48,7 @@ import numpy as np
 
 from .. import fileio
 from ..errors import CorruptFileError, InputError
-from ..fileio import atomic_write, fsync_directory, honour_umask, is_partial_write, output_lock, sha256_file
+from ..fileio import atomic_write_json, fsync_directory, honour_umask, is_partial_write, output_lock, sha256_file
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "pq")
 
@@ -464,8 +464,7 @@ class EmbeddingIndex:
                     "format_version": _FORMAT_VERSION, "size": len(self), "files": files,
                     "config": self.get_config_dict(), "info": info,
                 }
-                text = json.dumps(config, indent=2) + "\n"
-                atomic_write(directory / CONFIG_NAME, lambda path: path.write_text(text, encoding="utf-8"))
+                atomic_write_json(directory / CONFIG_NAME, config, indent=2)
             except BaseException:
                 shutil.rmtree(generation, ignore_errors=True)  # never committed: nothing refers to it
                 raise
