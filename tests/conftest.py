@@ -2,7 +2,9 @@ import copy
 
 import pytest
 import transformers
+from transformers import CLIPVisionConfig, Dinov2Config, SiglipVisionConfig, ViTConfig
 
+from llm2clip4cxr import LLM2CLIP4CXRConfig, LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRModel, LLM2CLIP4CXRProcessor
 from llm2clip4cxr.data import openi_report_texts
 from llm2clip4cxr.training.factory import build_text_encoder
 from llm2clip4cxr.training.tokenization import train_report_tokenizer
@@ -43,7 +45,9 @@ def report_texts():
 
     triplets = build_synthetic_triplets(1500, seed=0)
     pairs = [f"{triplet['anchor']} {triplet['positive']}" for triplet in triplets]
-    return list(dict.fromkeys([pair for pair in pairs if len(pair) >= 250] + [triplet["negative"] for triplet in triplets]))
+    return list(
+        dict.fromkeys([pair for pair in pairs if len(pair) >= 250] + [triplet["negative"] for triplet in triplets])
+    )
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +80,34 @@ def saved_tiny_encoder(make_encoder, tmp_path):
     """A tiny random encoder saved as a checkpoint folder (the starting point of recipe runs)."""
     make_encoder().save_pretrained(tmp_path / "init")
     return tmp_path / "init"
+
+
+# Tiny LLM2CLIP4CXR vision towers, one per supported family (the tests of every subpackage build models on them).
+TINY_VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+VISION_CONFIGS = {
+    "clip_vision_model": lambda: CLIPVisionConfig(intermediate_size=64, **TINY_VISION),
+    "siglip_vision_model": lambda: SiglipVisionConfig(intermediate_size=64, **TINY_VISION),
+    "dinov2": lambda: Dinov2Config(mlp_ratio=2, **TINY_VISION),
+    "vit": lambda: ViTConfig(intermediate_size=64, **TINY_VISION),
+}
+PROJECTION_DIM = 16
+
+
+@pytest.fixture()
+def make_model(make_encoder):
+    """Tiny random LLM2CLIP4CXR models: a 64-wide LLM2Vec4CXR text tower and a 32-wide vision tower."""
+
+    def make(vision="clip_vision_model", seed=0, **config_kwargs):
+        encoder = make_encoder(seed=seed)
+        config = LLM2CLIP4CXRConfig(
+            text_config=encoder.config, vision_config=VISION_CONFIGS[vision](), projection_dim=PROJECTION_DIM,
+            **config_kwargs,
+        )
+        return LLM2CLIP4CXRModel(config, text_model=encoder).eval()
+
+    return make
+
+
+@pytest.fixture()
+def processor(tokenizer):
+    return LLM2CLIP4CXRProcessor(LLM2CLIP4CXRImageProcessor(size=32), tokenizer)

@@ -1,4 +1,5 @@
-"""Where the tests find the real data, and the marks that skip a test when it is absent.
+"""Where the tests find the real data (and the checkout's recipes), and the marks that skip a test when the data
+is absent.
 
 The real files (the Open-I reports, the sample chest X-rays) live in `../shared/data` beside the checkout, or
 wherever `$LLM2CLIP4CXR_DATA` points. A clone without them still collects and passes the suite: the tests
@@ -7,7 +8,9 @@ that need them skip with the reason below, everything else runs on data the test
 Paths are only computed here, never read at import time.
 """
 
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,3 +30,12 @@ needs_openi = pytest.mark.skipif(not HAVE_OPENI, reason=f"needs the Open-I repor
 needs_samples = pytest.mark.skipif(
     not HAVE_SAMPLES, reason=f"needs the sample chest X-rays (cxr-samples/ in {_WHERE})"
 )
+
+
+def import_recipe(name: str):
+    """A recipe script of the checkout's training/ folder (train_text_encoder, train_clip) as a module."""
+    sys.path.insert(0, str(ROOT / "training"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)

@@ -11,8 +11,6 @@ import pytest
 import llm2clip4cxr
 from llm2clip4cxr.defaults import default_model_path
 
-from .modeling.test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
-
 HEAVY = ("torch", "transformers", "datasets", "faiss", "sentence_transformers")
 
 LOAD_CHECKPOINTS = r"""
@@ -47,12 +45,14 @@ def fresh_python(script: str, *args) -> str:
 
 
 def test_importing_the_package_imports_no_heavy_library():
-    loaded = json.loads(fresh_python(f"import llm2clip4cxr\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"))
+    loaded = json.loads(
+        fresh_python(f"import llm2clip4cxr\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    )
     assert loaded == []
 
 
 @pytest.fixture()
-def checkpoints(make_model, processor, tmp_path):  # noqa: F811
+def checkpoints(make_model, processor, tmp_path):
     model = make_model()
     model.save_pretrained(tmp_path / "clip")
     processor.save_pretrained(tmp_path / "clip")

@@ -15,7 +15,6 @@ from llm2clip4cxr.retrieval import image_encoder
 
 from ..shared_data import XRV, needs_samples
 from .test_imaging import MONO2_DICOM, write_dicom
-from ..modeling.test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
 
 PNG = XRV / "00000001_000.png"
 
@@ -33,8 +32,11 @@ def test_a_small_png_declaring_a_huge_image_is_refused_before_decoding(tmp_path,
     Image.new("1", (13000, 13000)).save(path)  # 1-bit zeros: a ~20 KB file that would decode to 1.3 GB as float32
     assert path.stat().st_size < 200_000
     refuse_decoding(monkeypatch)
-    with pytest.raises(ImageTooLargeError, match=r"bomb.png declares 13000 x 13000 = 169,000,000 pixels, over the limit "
-                                                 r"of 67,108,864"):
+    with pytest.raises(
+        ImageTooLargeError,
+        match=r"bomb.png declares 13000 x 13000 = 169,000,000 pixels, over the limit "
+        r"of 67,108,864",
+    ):
         load_image(path)
 
 
@@ -54,17 +56,29 @@ def test_the_pixel_limit_is_configurable_per_call_and_per_process(tmp_path, monk
 
 
 @needs_samples
-def test_retrieve_refuses_an_oversized_image_in_one_line(make_model, processor, tmp_path, capsys):  # noqa: F811
+def test_retrieve_refuses_an_oversized_image_in_one_line(make_model, processor, tmp_path, capsys):
     make_model().save_pretrained(tmp_path / "clip")
     processor.save_pretrained(tmp_path / "clip")
-    code = main(["retrieve", "report-to-image", "Clear lungs.", "--images", str(PNG), "--model", str(tmp_path / "clip"),
-                 "--max-image-pixels", "1000", "--json"])
+    code = main(
+        [
+            "retrieve",
+            "report-to-image",
+            "Clear lungs.",
+            "--images",
+            str(PNG),
+            "--model",
+            str(tmp_path / "clip"),
+            "--max-image-pixels",
+            "1000",
+            "--json",
+        ]
+    )
     error = json.loads(capsys.readouterr().out)
     assert code == 1 and error["kind"] == "image-too-large" and str(PNG) in error["error"]
 
 
 @needs_samples
-def test_image_encoder_reads_and_shrinks_one_image_at_a_time(make_model, processor, monkeypatch):  # noqa: F811
+def test_image_encoder_reads_and_shrinks_one_image_at_a_time(make_model, processor, monkeypatch):
     model, events, loaded = make_model(), [], []
     real_load = imaging.load_image
 

@@ -14,11 +14,11 @@ from PIL import Image
 
 from llm2clip4cxr.cli import main
 from llm2clip4cxr.data import load_prepared
-from llm2clip4cxr.fileio import is_partial_write
 from llm2clip4cxr.data.imaging import load_image
 from llm2clip4cxr.data.prepare import PrepareOptions, prepare, split_by_patient
+from llm2clip4cxr.fileio import is_partial_write
 
-from ..shared_data import ROOT, needs_openi, needs_samples
+from ..shared_data import import_recipe, needs_openi, needs_samples
 from .test_corpora import DICOM, JPEG, MIMIC_STUDIES, OPENI, PNG, make_chexpert_plus, make_mimic
 
 pytestmark = needs_samples
@@ -145,8 +145,14 @@ def _iu_r2gen_layout(root: Path, studies: int) -> Path:
         study = f"CXR{index}_IM-{index:04d}"
         (root / "images" / study).mkdir(parents=True)
         shutil.copy(samples[index % 3], root / "images" / study / "0.png")
-        annotation[split].append({"id": study, "report": f"Made-up findings number {index}.", "image_path": [f"{study}/0.png"],
-                                  "split": split})
+        annotation[split].append(
+            {
+                "id": study,
+                "report": f"Made-up findings number {index}.",
+                "image_path": [f"{study}/0.png"],
+                "split": split,
+            }
+        )
     (root / "annotation.json").write_text(json.dumps(annotation))
     return root
 
@@ -162,13 +168,17 @@ def test_prepare_resumes_after_sigkill_without_redoing_finished_shards(tmp_path)
     command = [sys.executable, "-m", "llm2clip4cxr", "prepare", "iu-xray", str(source), "--image-size", "48",
                "--shard-size", "2", "--num-workers", "1", "--json"]
     killed = tmp_path / "killed"
-    process = subprocess.Popen([*command, "--output", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, "--output", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(finished_shards(killed)) < 2:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    done = {path.stem: os.stat(killed / "data" / f"{path.stem}.parquet").st_mtime_ns for path in finished_shards(killed)}
+    done = {
+        path.stem: os.stat(killed / "data" / f"{path.stem}.parquet").st_mtime_ns for path in finished_shards(killed)
+    }
     assert 2 <= len(done) < 18 and not (killed / "summary.json").exists()  # killed mid-run
 
     rerun = subprocess.run([*command, "--output", str(killed)], capture_output=True, text=True, check=True)
@@ -187,14 +197,6 @@ def test_prepare_resumes_after_sigkill_without_redoing_finished_shards(tmp_path)
             assert Path(row["image"]).read_bytes() == (fresh / os.path.relpath(row["image"], killed)).read_bytes()
 
 
-def _recipe(name):
-    sys.path.insert(0, str(ROOT / "training"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
-
-
 def test_training_recipes_take_a_prepared_folder(make_encoder, tmp_path):
     """FABRICATED PAIRING (smoke test): both recipes train a couple of steps on a prepared CheXpert Plus layout."""
     from transformers import AutoModel
@@ -208,15 +210,17 @@ def test_training_recipes_take_a_prepared_folder(make_encoder, tmp_path):
     (tmp_path / "vision.json").write_text(json.dumps({"model_type": "clip_vision_model", **TINY_VISION}))
     common = ["--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu", "true",
               "--max_steps", "1", "--per_device_train_batch_size", "2"]
-    rows = _recipe("train_clip").read_rows(str(tmp_path / "prepared"))
-    assert rows == [{**row, "index": i} for i, row in enumerate(load_prepared(tmp_path / "prepared", "train").to_list())]
-    final = _recipe("train_clip").main([
+    rows = import_recipe("train_clip").read_rows(str(tmp_path / "prepared"))
+    assert rows == [
+        {**row, "index": i} for i, row in enumerate(load_prepared(tmp_path / "prepared", "train").to_list())
+    ]
+    final = import_recipe("train_clip").main([
         "--text_model_name_or_path", str(tmp_path / "text"), "--vision", str(tmp_path / "vision.json"),
         "--projection_dim", "16", "--image_size", "32", "--data", str(tmp_path / "prepared"),
         "--freeze_text", "true", "--output_dir", str(tmp_path / "clip"), *common,
     ])
     assert AutoModel.from_pretrained(final) is not None
-    text = _recipe("train_text_encoder")
+    text = import_recipe("train_text_encoder")
     train_rows, validation_rows = text.prepared_report_rows(str(tmp_path / "prepared"), ["findings", "impression"])
     studies = {split: {row["study_id"]: row for row in load_prepared(tmp_path / "prepared", split)}
                for split in ("train", "validation")}

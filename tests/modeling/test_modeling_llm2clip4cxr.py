@@ -14,58 +14,24 @@ from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPTextConfig,
-    CLIPVisionConfig,
     Dinov2Config,
     SiglipVisionConfig,
-    ViTConfig,
     pipeline,
 )
 
 import llm2clip4cxr
 from llm2clip4cxr import (
     LLM2CLIP4CXRConfig,
-    LLM2CLIP4CXRImageProcessor,
     LLM2CLIP4CXRModel,
-    LLM2CLIP4CXRProcessor,
 )
-from llm2clip4cxr.training.losses import clip_loss as gathered_clip_loss
 from llm2clip4cxr.modeling.modeling_llm2clip4cxr import clip_loss
 from llm2clip4cxr.retrieval.zero_shot import zero_shot_classify
+from llm2clip4cxr.training.losses import clip_loss as gathered_clip_loss
 
-from ..conftest import INSTRUCTION
+from ..conftest import INSTRUCTION, PROJECTION_DIM, VISION_CONFIGS
 from .test_remote_code import REFUSE_PACKAGE
 
 MODELING_DIR = Path(llm2clip4cxr.modeling.__file__).parent
-TINY_VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
-VISION_CONFIGS = {
-    "clip_vision_model": lambda: CLIPVisionConfig(intermediate_size=64, **TINY_VISION),
-    "siglip_vision_model": lambda: SiglipVisionConfig(intermediate_size=64, **TINY_VISION),
-    "dinov2": lambda: Dinov2Config(mlp_ratio=2, **TINY_VISION),
-    "vit": lambda: ViTConfig(intermediate_size=64, **TINY_VISION),
-}
-PROJECTION_DIM = 16
-
-
-@pytest.fixture()
-def make_model(make_encoder):
-    """Tiny random LLM2CLIP4CXR models: a 64-wide LLM2Vec4CXR text tower and a 32-wide vision tower."""
-
-    def make(vision="clip_vision_model", seed=0, **config_kwargs):
-        encoder = make_encoder(seed=seed)
-        config = LLM2CLIP4CXRConfig(
-            text_config=encoder.config, vision_config=VISION_CONFIGS[vision](), projection_dim=PROJECTION_DIM,
-            **config_kwargs,
-        )
-        return LLM2CLIP4CXRModel(config, text_model=encoder).eval()
-
-    return make
-
-
-@pytest.fixture()
-def processor(tokenizer):
-    return LLM2CLIP4CXRProcessor(LLM2CLIP4CXRImageProcessor(size=32), tokenizer)
-
-
 @pytest.fixture()
 def reports(report_texts):
     """Short real reports (their first sentence), so that the tiny towers run fast."""
@@ -227,7 +193,9 @@ def test_vision_tower_loads_from_a_clip_checkpoint(make_encoder, tmp_path):
     make_encoder().save_pretrained(tmp_path / "text")
     clip = CLIPModel(
         CLIPConfig(
-            text_config=CLIPTextConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64),
+            text_config=CLIPTextConfig(
+                hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+            ),
             vision_config=VISION_CONFIGS["clip_vision_model"]().to_dict(),
         )
     )
@@ -254,10 +222,22 @@ def test_building_a_config_from_an_encoder_keeps_its_attention_mask(make_encoder
     ("kwargs", "error", "match"),
     [
         ({"vision_config": {"model_type": "bert"}}, ValueError, r"Unsupported vision `model_type` 'bert'.*'dinov2'"),
-        ({"vision_config": {"hidden_size": 32}}, ValueError, r"must name its `model_type`.*got keys \['hidden_size'\]"),
+        (
+            {"vision_config": {"hidden_size": 32}},
+            ValueError,
+            r"must name its `model_type`.*got keys \['hidden_size'\]",
+        ),
         ({"vision_config": CLIPConfig()}, ValueError, r"'clip'.* Pass its `.vision_config`"),
-        ({"vision_config": "dinov2"}, TypeError, r"`vision_config` must be a transformers PreTrainedConfig or a dict, got str"),
-        ({"vision_config": SiglipVisionConfig(vision_use_head=False)}, ValueError, r"`vision_config.vision_use_head` must be True"),
+        (
+            {"vision_config": "dinov2"},
+            TypeError,
+            r"`vision_config` must be a transformers PreTrainedConfig or a dict, got str",
+        ),
+        (
+            {"vision_config": SiglipVisionConfig(vision_use_head=False)},
+            ValueError,
+            r"`vision_config.vision_use_head` must be True",
+        ),
         ({"text_config": {"model_type": "llama"}}, ValueError, r"LLM2Vec4CXR encoder .* got model_type 'llama'"),
         ({"projection_dim": 0}, ValueError, r"`projection_dim` must be a positive int, got 0"),
         ({"logit_scale_init_value": 5.0}, ValueError, r"at most log\(logit_scale_max\) = 4.6052.*got 5.0"),

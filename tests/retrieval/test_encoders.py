@@ -9,10 +9,9 @@ import torch
 from llm2clip4cxr.data.imaging import load_image
 from llm2clip4cxr.retrieval import find_images, image_encoder, rank, report_encoder
 
+from ..cli.test_cli import write_csv
 from ..shared_data import XRV as SAMPLES
 from ..shared_data import needs_samples
-from ..cli.test_cli import write_csv
-from ..modeling.test_modeling_llm2clip4cxr import make_model, processor  # noqa: F401  (fixtures)
 
 REPORTS = [("a", "Small right pleural effusion."), ("b", "No acute cardiopulmonary process."),
            ("c", "Heart size is enlarged."), ("d", "Left lower lobe opacity.")]
@@ -23,7 +22,7 @@ def run_cli(*args):
 
 
 @pytest.fixture()
-def saved_clip(make_model, processor, tmp_path):  # noqa: F811
+def saved_clip(make_model, processor, tmp_path):
     model = make_model()
     model.save_pretrained(tmp_path / "clip")
     processor.save_pretrained(tmp_path / "clip")
@@ -42,7 +41,9 @@ def test_encoders_reproduce_the_model_logits(saved_clip):
     model, processor, _ = saved_clip
     images = find_images([SAMPLES])[:3]
     texts = [text for _, text in REPORTS]
-    cosines = image_encoder(model, processor, batch_size=2)(images) @ report_encoder(model, processor, batch_size=3)(texts).T
+    cosines = (
+        image_encoder(model, processor, batch_size=2)(images) @ report_encoder(model, processor, batch_size=3)(texts).T
+    )
     np.testing.assert_allclose(cosines, model_cosines(model, processor, images, texts), rtol=1e-4, atol=1e-5)
 
 
@@ -99,6 +100,8 @@ def test_cli_retrieve_errors_are_clear(saved_clip, make_encoder, tmp_path):
                      "--model", path)
     assert result.returncode == 1 and "broken.png" in result.stderr
     make_encoder().save_pretrained(tmp_path / "text")
-    result = run_cli("retrieve", "report-to-image", "query", "--images", str(tmp_path), "--model", str(tmp_path / "text"))
+    result = run_cli(
+        "retrieve", "report-to-image", "query", "--images", str(tmp_path), "--model", str(tmp_path / "text")
+    )
     assert result.returncode == 1 and "needs an LLM2CLIP4CXR checkpoint" in result.stderr
     assert run_cli("retrieve", "report-to-image", "query", "--model", path).returncode == 2  # --images missing

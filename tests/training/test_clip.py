@@ -2,8 +2,6 @@ import copy
 import json
 import math
 import random
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor, CLIPVisionConfig
 
 from llm2clip4cxr import LLM2CLIP4CXRConfig, LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRModel, LLM2CLIP4CXRProcessor
+from llm2clip4cxr.augment.variants import split_sentences
 from llm2clip4cxr.training.clip import (
     ClipCollator,
     ClipTrainer,
@@ -22,14 +21,14 @@ from llm2clip4cxr.training.clip import (
     cache_text_embeddings,
 )
 from llm2clip4cxr.training.losses import supervised_contrastive_loss
-from llm2clip4cxr.augment.variants import split_sentences
 
-from ..shared_data import ROOT as REPO
 from ..shared_data import XRV as SAMPLES
-from ..shared_data import needs_samples
+from ..shared_data import import_recipe, needs_samples
 
 SAMPLE_PNGS = sorted(SAMPLES.rglob("*.png")) if SAMPLES.is_dir() else []
-TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
 FINDINGS = [
     "Heart size is normal. Lungs are clear. No pleural effusion.",
     "Small right pleural effusion. Mild cardiomegaly.",
@@ -43,7 +42,10 @@ LABELS = torch.tensor([0, 1, 2, 0])
 def _trainer(sup_con_weight=0.0, bce_weight=0.0, temperature=0.07):
     """ClipTrainer.compute_loss without a Trainer around it (the loss reads only these attributes)."""
     return SimpleNamespace(
-        sup_con_weight=sup_con_weight, sup_con_temperature=temperature, bce_weight=bce_weight, gather_across_processes=True
+        sup_con_weight=sup_con_weight,
+        sup_con_temperature=temperature,
+        bce_weight=bce_weight,
+        gather_across_processes=True,
     )
 
 
@@ -80,7 +82,9 @@ def test_supervised_contrastive_loss_equals_a_hand_written_loop():
         if not positives:  # label 2 has a single sample: no positive, not counted
             continue
         denominator = sum(math.exp(z[i] @ z[a] / temperature) for a in range(6) if a != i)
-        terms.append(-sum(math.log(math.exp(z[i] @ z[p] / temperature) / denominator) for p in positives) / len(positives))
+        terms.append(
+            -sum(math.log(math.exp(z[i] @ z[p] / temperature) / denominator) for p in positives) / len(positives)
+        )
     expected = torch.tensor(sum(terms) / len(terms), dtype=torch.float64)
     torch.testing.assert_close(supervised_contrastive_loss(features, labels, temperature), expected)
     with pytest.raises(ValueError, match="temperature"):
@@ -169,7 +173,11 @@ def test_build_caption_is_deterministic_and_shuffles_sentences():
     assert set(draws) >= {findings, impression, f"{findings} {impression}"}
     shuffled = [draw for draw in draws if draw not in (findings, impression, f"{findings} {impression}")]
     assert 0.1 < len(shuffled) / len(draws) < 0.4  # the 2 of 3 draws that have >1 sentence, times p=0.3
-    assert all(sorted(split_sentences(draw)) in (sorted(split_sentences(findings)), sorted(split_sentences(f"{findings} {impression}"))) for draw in shuffled)
+    assert all(
+        sorted(split_sentences(draw))
+        in (sorted(split_sentences(findings)), sorted(split_sentences(f"{findings} {impression}")))
+        for draw in shuffled
+    )
     assert build_caption(findings, None, 0, shuffle_p=0.0) == findings
     assert build_caption(None, impression, 0, instruction="Find it").startswith("Find it!@#$%^&*()")
     with pytest.raises(ValueError, match="findings or impression"):
@@ -181,7 +189,10 @@ def test_build_caption_is_deterministic_and_shuffles_sentences():
 @pytest.mark.skipif(len(SAMPLE_PNGS) < 5, reason=needs_samples.kwargs["reason"])
 @pytest.mark.parametrize(
     "text_mode",
-    [["--freeze_text", "true", "--cache_text_embeddings", "true"], ["--lora_text", "true", "--instruction", "Find it"]],
+    [
+        ["--freeze_text", "true", "--cache_text_embeddings", "true"],
+        ["--lora_text", "true", "--instruction", "Find it"],
+    ],
     ids=["frozen-cached", "lora-online"],
 )
 def test_recipe_smoke_run_on_a_fabricated_tiny_dataset(make_encoder, tmp_path, text_mode):
@@ -191,13 +202,14 @@ def test_recipe_smoke_run_on_a_fabricated_tiny_dataset(make_encoder, tmp_path, t
     (tmp_path / "vision.json").write_text(json.dumps({"model_type": "clip_vision_model", **TINY_VISION}))
     with open(tmp_path / "pairs.jsonl", "w") as handle:
         for index, image in enumerate(SAMPLE_PNGS[:5]):
-            row = {"image": str(image), "findings": FINDINGS[index % 4], "impression": IMPRESSIONS[index % 4], "label": index % 2}
+            row = {
+                "image": str(image),
+                "findings": FINDINGS[index % 4],
+                "impression": IMPRESSIONS[index % 4],
+                "label": index % 2,
+            }
             handle.write(json.dumps(row) + "\n")
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        import train_clip
-    finally:
-        sys.path.pop(0)
+    train_clip = import_recipe("train_clip")
     output_dir = tmp_path / "run"
     final = train_clip.main([
         "--text_model_name_or_path", str(tmp_path / "text"), "--vision", str(tmp_path / "vision.json"),
@@ -211,7 +223,9 @@ def test_recipe_smoke_run_on_a_fabricated_tiny_dataset(make_encoder, tmp_path, t
     model, processor = AutoModel.from_pretrained(final), AutoProcessor.from_pretrained(final)
     assert isinstance(model, LLM2CLIP4CXRModel) and processor.image_processor.size["height"] == 32
     assert not any("lora_" in name for name in model.state_dict())  # adapters merged before saving
-    initial = LLM2CLIP4CXRModel.from_text_vision_pretrained(tmp_path / "text", CLIPVisionConfig(**TINY_VISION), projection_dim=16)
+    initial = LLM2CLIP4CXRModel.from_text_vision_pretrained(
+        tmp_path / "text", CLIPVisionConfig(**TINY_VISION), projection_dim=16
+    )
     text_changed = [
         name for name, value in initial.text_model.state_dict().items()
         if not torch.equal(model.text_model.state_dict()[name], value)
@@ -220,12 +234,17 @@ def test_recipe_smoke_run_on_a_fabricated_tiny_dataset(make_encoder, tmp_path, t
     if cached:
         assert text_changed == []
     else:
-        assert text_changed and all(name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) for name in text_changed)
+        assert text_changed and all(
+            name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+            for name in text_changed
+        )
 
 
 def test_collator_emits_cached_rows_instead_of_tokens(processor):
     image = str(SAMPLE_PNGS[0]) if SAMPLE_PNGS else pytest.skip(needs_samples.kwargs["reason"])
-    rows = [{"image": image, "findings": FINDINGS[i], "impression": IMPRESSIONS[i], "index": i, "label": i} for i in (2, 0)]
+    rows = [
+        {"image": image, "findings": FINDINGS[i], "impression": IMPRESSIONS[i], "index": i, "label": i} for i in (2, 0)
+    ]
     table = torch.arange(12.0).reshape(4, 3)
     batch = ClipCollator(processor, text_embeddings=table)(rows)
     assert set(batch) == {"pixel_values", "text_embeds_cached", "labels"}

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 from llm2clip4cxr import LLM2Vec4CXRModel
 from llm2clip4cxr.augment.triplets import build_triplets
@@ -23,9 +22,9 @@ from llm2clip4cxr.training.text import (
     set_attention_dropout,
 )
 
-from ..shared_data import ROOT as REPO
 from ..shared_data import OPENI_REPORTS as REPORTS_CSV
-from ..shared_data import needs_openi
+from ..shared_data import ROOT as REPO
+from ..shared_data import import_recipe, needs_openi
 
 RECIPE = REPO / "training" / "train_text_encoder.py"
 
@@ -40,7 +39,9 @@ def test_mntp_predicts_each_masked_token_from_the_previous_position(make_encoder
     masked = batch["labels"] != -100
     assert masked.any()
     assert (batch["input_ids"][masked] != batch["labels"][masked]).float().mean() > 0.5  # mostly replaced
-    special = torch.tensor([[int(i in encoder.tokenizer.all_special_ids) for i in row] for row in batch["labels"].clamp(min=0).tolist()])
+    special = torch.tensor(
+        [[int(i in encoder.tokenizer.all_special_ids) for i in row] for row in batch["labels"].clamp(min=0).tolist()]
+    )
     assert not (masked & special.bool()).any()
     output = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     logits = output.logits
@@ -83,12 +84,16 @@ def test_lora_merge_equals_adapter_model(make_encoder, report_texts):
 
 
 def _triplet_rows(report_texts, n=8):
-    return [{key: item[key] for key in ("anchor", "positive", "negative")} for item in build_triplets(report_texts[:40], seed=0)[:n]]
+    return [
+        {key: item[key] for key in ("anchor", "positive", "negative")}
+        for item in build_triplets(report_texts[:40], seed=0)[:n]
+    ]
 
 
 def test_distributed_loss_and_gradients_equal_one_process(saved_tiny_encoder, report_texts, tmp_path):
     """sentence-transformers' loss with gather_across_devices on 2 gloo processes, each with half the batch,
-    DDP-averaged gradients == one process on the whole batch (equal halves, so the mean of the local means is the global mean).
+    DDP-averaged gradients == one process on the whole batch (equal halves, so the mean of the local means is the
+    global mean).
     Tolerance 1e-5: the runs differ only in summation order."""
     rows = _triplet_rows(report_texts, 8)
     (tmp_path / "rows.json").write_text(json.dumps(rows))
@@ -96,9 +101,22 @@ def test_distributed_loss_and_gradients_equal_one_process(saved_tiny_encoder, re
     # `--cpu` makes accelerate start ONE process (several CPU processes need MPI); `--multi_gpu` is its
     # torchrun launcher, and Accelerator(cpu=True) in the script then joins a gloo group on CPU.
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(Path(__file__).with_name("distributed_contrastive.py")),
-        str(saved_tiny_encoder), str(tmp_path / "rows.json"), str(out),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(Path(__file__).with_name("distributed_contrastive.py")),
+        str(saved_tiny_encoder),
+        str(tmp_path / "rows.json"),
+        str(out),
     ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, timeout=180, capture_output=True)
@@ -161,11 +179,7 @@ def test_last_complete_checkpoint_skips_a_save_cut_short(tmp_path):
 
 @needs_openi
 def test_contrastive_recipe_with_lora_writes_a_loadable_merged_encoder(saved_tiny_encoder, tmp_path):
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        import train_text_encoder
-    finally:
-        sys.path.pop(0)
+    train_text_encoder = import_recipe("train_text_encoder")
     final = train_text_encoder.main([
         "--stage", "contrastive", "--model_name_or_path", str(saved_tiny_encoder), "--reports", str(REPORTS_CSV),
         "--validation_fraction", "0.9", "--output_dir", str(tmp_path / "run"), "--max_steps", "2",

@@ -1,7 +1,5 @@
 """The contrastive stage on sentence-transformers: length-bucketed forward, GradCache equivalence, recipe."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +7,8 @@ import torch
 from llm2clip4cxr.augment.triplets import build_section_pairs
 from llm2clip4cxr.training.text import contrastive_loss, sentence_transformer_for
 
-from ..shared_data import ROOT as REPO
 from ..shared_data import OPENI_REPORTS as REPORTS_CSV
-from ..shared_data import needs_openi
+from ..shared_data import import_recipe, needs_openi
 
 # GradCache recomputes each mini-batch in a second forward pass: float32 sums in another order.
 ATOL, RTOL = 1e-5, 1e-4
@@ -54,7 +51,9 @@ def test_cached_loss_equals_uncached_loss_and_gradients(make_encoder, report_tex
         features = [_features(st_model, [row[role] for row in rows]) for role in ("anchor", "positive", "negative")]
         loss = loss_fn(features, None)
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}))
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
+        )
     (plain_loss, plain_grads), (cached_loss, cached_grads) = results
     torch.testing.assert_close(cached_loss, plain_loss, atol=ATOL, rtol=RTOL)
     assert cached_grads.keys() == plain_grads.keys()
@@ -78,11 +77,7 @@ def test_section_pairs_are_findings_and_impression_of_one_study_once():
 
 @needs_openi
 def test_recipe_with_mini_batches_ends_with_the_weights_of_the_plain_run(saved_tiny_encoder, tmp_path):
-    sys.path.insert(0, str(REPO / "training"))
-    try:
-        import train_text_encoder
-    finally:
-        sys.path.pop(0)
+    train_text_encoder = import_recipe("train_text_encoder")
     from llm2clip4cxr import LLM2Vec4CXRModel
 
     finals = []

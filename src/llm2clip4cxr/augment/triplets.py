@@ -7,15 +7,23 @@ seeded `Random`, so adding reports leaves the rows of earlier ones unchanged.
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
+from ..data.tables import json_lines
 from .variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS, _normalized, _select, make_hard_negative, make_positive
 
-__all__ = ["build_section_pairs", "build_triplets", "load_triplets_jsonl", "report_sections", "triplet_row"]
+__all__ = [
+    "build_section_pairs",
+    "build_triplets",
+    "load_triplets_jsonl",
+    "report_sections",
+    "report_triplet",
+    "seeded_reports",
+    "triplet_row",
+]
 
 
 def report_sections(item, index: int) -> tuple[str, str | None, str | None]:
@@ -48,6 +56,26 @@ def triplet_row(anchor: str, positive: str, negative: str, positive_kind: str, n
     }
 
 
+def seeded_reports(reports: Iterable, seed: int) -> Iterator[tuple[str, str | None, str | None, random.Random]]:
+    """(full text, findings, impression, rng) of each non-empty report, its `Random` seeded by (seed, index), so
+    that a report's rows do not depend on the reports before it."""
+    for index, item in enumerate(reports):
+        text, findings, impression = report_sections(item, index)
+        if text:
+            yield text, findings, impression, random.Random(f"{seed}:{index}")
+
+
+def report_triplet(text: str, rng: random.Random, positive, negative, positive_kinds, negative_kinds) -> dict | None:
+    """The triplet of one report from a positive and a negative generator (`make_positive`-like: report, rng,
+    kinds -> (variant, kind) or None), the negative drawn first; None when either cannot be made or two of the
+    three texts are the same."""
+    hard_negative = negative(text, rng, negative_kinds)
+    same = positive(text, rng, positive_kinds)
+    if hard_negative is None or same is None:
+        return None
+    return triplet_row(text, same[0], hard_negative[0], same[1], hard_negative[1])
+
+
 def build_triplets(
     reports: Iterable[str | Mapping[str, str]],
     seed: int = 0,
@@ -70,17 +98,10 @@ def build_triplets(
     _select(POSITIVE_GENERATORS, positive_kinds, "positive_kinds")
     _select(NEGATIVE_GENERATORS, negative_kinds, "negative_kinds")
     triplets = []
-    for index, item in enumerate(reports):
-        text, findings, impression = report_sections(item, index)
-        if not text:
-            continue
-        rng = random.Random(f"{seed}:{index}")
-        negative = make_hard_negative(text, rng, negative_kinds)
-        positive = make_positive(text, rng, positive_kinds)
-        if negative is not None and positive is not None:
-            triplet = triplet_row(text, positive[0], negative[0], positive[1], negative[1])
-            if triplet is not None:
-                triplets.append(triplet)
+    for text, findings, impression, rng in seeded_reports(reports, seed):
+        triplet = report_triplet(text, rng, make_positive, make_hard_negative, positive_kinds, negative_kinds)
+        if triplet is not None:
+            triplets.append(triplet)
         if section_pairs and findings and impression:
             section_negative = make_hard_negative(findings, rng, negative_kinds)
             if section_negative is not None:
@@ -122,20 +143,8 @@ def load_triplets_jsonl(path) -> list[dict]:
     path = Path(path)
     triplets, unchanged = [], []
     with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+        for line_number, record in json_lines(handle, path, _TRIPLET_KEYS):
             where = f"{path}, line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{where}: not valid JSON ({error.msg}); each line must be one object with keys {_TRIPLET_KEYS}."
-                ) from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{where}: expected a JSON object with keys {_TRIPLET_KEYS}, got {type(record).__name__}."
-                )
             missing = [key for key in _TRIPLET_KEYS if key not in record]
             if missing:
                 raise ValueError(f"{where}: missing key(s) {missing}; each line needs {_TRIPLET_KEYS}.")

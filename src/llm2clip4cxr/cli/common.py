@@ -32,24 +32,21 @@ TRUST_HELP = (
 # ----------------------------------------------------------------------------------------------- option types
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+positive_int = _int_at_least(1, "a positive integer")
+non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 # ----------------------------------------------------------------------------------------------- shared options
@@ -120,7 +117,9 @@ def csv_options(required: bool) -> argparse.ArgumentParser:
         "--column", default="findings", help="the CSV column holding the report texts (default: findings)"
     )
     options.add_argument(
-        "--id-column", default=None, help="the CSV column holding unique ids (default: the position among non-empty rows)"
+        "--id-column",
+        default=None,
+        help="the CSV column holding unique ids (default: the position among non-empty rows)",
     )
     return options
 

@@ -16,14 +16,14 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from ..errors import InputError
 
 __all__ = [
-    "bad_utf8_error", "csv_header", "datasets_progress_bars_off", "iter_csv_rows", "iter_jsonl_rows", "load_text_dataset",
-    "read_text_lines",
+    "bad_utf8_error", "csv_header", "datasets_progress_bars_off", "iter_csv_rows", "iter_jsonl_rows", "json_lines",
+    "load_text_dataset", "read_text_lines",
 ]
 
 _UTF8_HINT = "save it as UTF-8"
@@ -39,7 +39,8 @@ def bad_utf8_error(path: Path) -> InputError:
                 decoder.decode(raw)
             except UnicodeDecodeError as error:
                 return InputError(
-                    f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1}); "
+                    f"{path}, line {number}: not UTF-8 text "
+                    f"(byte {raw[error.start]:#04x} at column {error.start + 1}); "
                     f"{_UTF8_HINT}."
                 )
     return InputError(
@@ -173,17 +174,42 @@ def iter_jsonl_rows(path: str | os.PathLike, columns: Sequence[str]) -> Iterator
                 try:
                     item = json.loads(item)
                 except json.JSONDecodeError as error:
-                    raise InputError(f"{path}, line {number}: not valid JSON ({error.msg}); expected one object per line.") from None
+                    raise InputError(
+                        f"{path}, line {number}: not valid JSON ({error.msg}); expected one object per line."
+                    ) from None
             if not isinstance(item, dict):
                 raise InputError(f"{path}, {where} {number}: expected a JSON object, got {type(item).__name__}.")
             if not rows:
                 missing = [name for name in columns if name not in item]
                 if missing:
-                    raise InputError(f"{path} has no column(s) {missing}; its first object has the keys {sorted(item)}.")
+                    raise InputError(
+                        f"{path} has no column(s) {missing}; its first object has the keys {sorted(item)}."
+                    )
             rows += 1
             yield {name: _json_cell(item.get(name), path, number, name) for name in columns}
         if not rows:
             raise InputError(f"{path} holds no JSON objects.")
+
+
+def json_lines(lines: Iterable[str], source, keys: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    """`(line number, object)` for each non-blank line of JSON-lines text; a line that is not one JSON object is
+    an `InputError` naming `source`, the line and the keys each line needs."""
+    keys = tuple(keys)
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(
+                f"{source}, line {number}: not valid JSON ({error.msg}); "
+                f"each line must be one object with keys {keys}."
+            ) from None
+        if not isinstance(record, dict):
+            raise InputError(
+                f"{source}, line {number}: expected a JSON object with keys {keys}, got {type(record).__name__}."
+            )
+        yield number, record
 
 
 def read_text_lines(path: str | os.PathLike) -> list[str]:

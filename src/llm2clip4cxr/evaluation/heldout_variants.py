@@ -59,7 +59,7 @@ import random
 import re
 from collections.abc import Iterable, Mapping
 
-from ..augment.triplets import report_sections, triplet_row
+from ..augment.triplets import report_triplet, seeded_reports
 from ..augment.variants import (
     _CLAUSE_BREAK,
     _LIST_MARKER_PREFIX,
@@ -172,8 +172,30 @@ _FINDING = re.compile(rf"\b(?:{_FINDINGS})\b", re.IGNORECASE)
 
 # Head nouns that take "a"/"an" when a negation is removed ("no pneumothorax" -> "a pneumothorax").
 _COUNTABLE = frozenset(
-    """effusion pneumothorax nodule mass opacity infiltrate lesion fracture granuloma abnormality process density
-    hernia collection deformity finding abscess cavity catheter tube line pacemaker""".split()
+    [
+        "effusion",
+        "pneumothorax",
+        "nodule",
+        "mass",
+        "opacity",
+        "infiltrate",
+        "lesion",
+        "fracture",
+        "granuloma",
+        "abnormality",
+        "process",
+        "density",
+        "hernia",
+        "collection",
+        "deformity",
+        "finding",
+        "abscess",
+        "cavity",
+        "catheter",
+        "tube",
+        "line",
+        "pacemaker",
+    ]
 )
 _DETERMINER = re.compile(r"^(?:a|an|the|any|some|one|two|several|multiple|numerous|\d+)\b", re.IGNORECASE)
 # Where a noun phrase's head ends: a preposition, a participle or a relative word.
@@ -1161,20 +1183,9 @@ def build_heldout_triplets(
     """
     _select(HELDOUT_POSITIVE_FAMILIES, positive_kinds, "positive_kinds")
     _select(HELDOUT_NEGATIVE_FAMILIES, negative_kinds, "negative_kinds")
-    triplets = []
-    for index, item in enumerate(reports):
-        text, _, _ = report_sections(item, index)
-        if not text:
-            continue
-        rng = random.Random(f"{seed}:{index}")
-        negative = make_heldout_negative(text, rng, negative_kinds)
-        positive = make_heldout_positive(text, rng, positive_kinds)
-        if negative is None or positive is None:
-            continue
-        triplet = triplet_row(text, positive[0], negative[0], positive[1], negative[1])
-        if triplet is not None:
-            triplets.append(triplet)
-    return triplets
+    triplets = (report_triplet(text, rng, make_heldout_positive, make_heldout_negative, positive_kinds, negative_kinds)
+                for text, _, _, rng in seeded_reports(reports, seed))
+    return [triplet for triplet in triplets if triplet is not None]
 
 
 __all__ = [

@@ -72,7 +72,9 @@ def score_matrix(model: Model, queries: Sequence[str], corpus: Sequence[str]) ->
     elif callable(model):
         scores = model(queries) @ model(corpus).T
     else:
-        raise TypeError(f"A model must be an Encoder (callable) or a Scorer (with .score), got {type(model).__name__}.")
+        raise TypeError(
+            f"A model must be an Encoder (callable) or a Scorer (with .score), got {type(model).__name__}."
+        )
     if scores.shape != (len(queries), len(corpus)):
         raise ValueError(f"The model returned scores of shape {scores.shape}, expected {(len(queries), len(corpus))}.")
     return scores
@@ -102,7 +104,9 @@ def findings_to_impression_retrieval(
         {uid: {uid} for uid in ids},
         duplicate_rule,
     )
-    scores = score_matrix(encoder, [study["findings"] for study in studies], [study["impression"] for study in studies])
+    scores = score_matrix(
+        encoder, [study["findings"] for study in studies], [study["impression"] for study in studies]
+    )
     metrics = retrieval_metrics(resolution.select(scores), ids, resolution.corpus_ids, resolution.relevant, ks=ks)
     metrics["num_queries"] = len(ids)
     metrics["num_corpus"] = len(resolution.corpus_ids)
@@ -172,7 +176,9 @@ def paraphrase_retrieval(
         raise ValueError("No report could be paraphrased (make_positive changed none of them); nothing to retrieve.")
     resolution = relevant_with_duplicates(queries, corpus, {uid: {uid} for uid in queries}, "count_as_relevant")
     scores = score_matrix(encoder, list(queries.values()), list(corpus.values()))
-    metrics = retrieval_metrics(resolution.select(scores), list(queries), resolution.corpus_ids, resolution.relevant, ks=ks)
+    metrics = retrieval_metrics(
+        resolution.select(scores), list(queries), resolution.corpus_ids, resolution.relevant, ks=ks
+    )
     metrics["num_queries"], metrics["num_corpus"] = len(queries), len(corpus)
     metrics["families"] = sorted(used)
     return metrics
@@ -205,19 +211,11 @@ def load_clinical_ordering_suite(path=None) -> list[dict]:
             text = Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError as error:
             raise ValueError(f"{source}: not UTF-8 text ({error.reason} at byte {error.start}).") from None
-    import json
+    from ..data.tables import json_lines
 
     rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for line_number, row in json_lines(text.splitlines(), source, _ORDERING_KEYS):
         where = f"{source}, line {line_number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg}).") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object with keys {_ORDERING_KEYS}.")
         for key in _ORDERING_KEYS:
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise ValueError(f"{where}: '{key}' must be a non-empty string; each row needs {_ORDERING_KEYS}.")
@@ -355,7 +353,9 @@ def _id_texts(reports: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
         texts = {str(i): text for i, text in enumerate(reports)}
     else:
         raise TypeError(f"`reports` must be a mapping id -> text or a list of texts, got {type(reports).__name__}.")
-    empty = next((report_id for report_id, text in texts.items() if not isinstance(text, str) or not text.strip()), None)
+    empty = next(
+        (report_id for report_id, text in texts.items() if not isinstance(text, str) or not text.strip()), None
+    )
     if empty is not None:
         raise ValueError(f"Report {empty!r} is empty or not a string; drop it before evaluating.")
     if not texts:
