@@ -18,9 +18,9 @@ import transformers
 from transformers import CLIPVisionConfig
 
 from llm2clip4cxr import LLM2CLIP4CXRConfig, LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRModel, LLM2CLIP4CXRProcessor
-from llm2clip4cxr.training.clip import ClipTrainer, ClipTrainingModel, build_caption, cache_text_embeddings
 from llm2clip4cxr.data import read_reports_csv
 from llm2clip4cxr.defaults import shared_data_dir
+from llm2clip4cxr.training.clip import ClipTrainer, ClipTrainingModel, build_caption, cache_text_embeddings
 from llm2clip4cxr.training.factory import build_text_encoder
 from llm2clip4cxr.training.tokenization import train_report_tokenizer
 
@@ -52,18 +52,28 @@ def main():
     tokenizer = train_report_tokenizer([row["findings"] + " " + row["impression"] for row in rows], vocab_size=2000)
     heads = max(1, args.text_hidden // 64)
     encoder = build_text_encoder(
-        tokenizer, backbone_kwargs={"hidden_size": args.text_hidden, "num_layers": args.text_layers, "num_heads": heads, "num_kv_heads": heads}
+        tokenizer,
+        backbone_kwargs={
+            "hidden_size": args.text_hidden,
+            "num_layers": args.text_layers,
+            "num_heads": heads,
+            "num_kv_heads": heads,
+        },
     )
     vision = CLIPVisionConfig(
         hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden, num_hidden_layers=args.vision_layers,
         num_attention_heads=max(1, args.vision_hidden // 64), image_size=args.image_size, patch_size=16,
     )
-    clip = LLM2CLIP4CXRModel(LLM2CLIP4CXRConfig(text_config=encoder.config, vision_config=vision, projection_dim=256), text_model=encoder)
+    clip = LLM2CLIP4CXRModel(
+        LLM2CLIP4CXRConfig(text_config=encoder.config, vision_config=vision, projection_dim=256), text_model=encoder
+    )
     clip.text_model.requires_grad_(False)
     processor = LLM2CLIP4CXRProcessor(LLM2CLIP4CXRImageProcessor(size=args.image_size), tokenizer)
     model = ClipTrainingModel(clip).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    loss_settings = SimpleNamespace(sup_con_weight=0.0, sup_con_temperature=0.07, bce_weight=0.0, gather_across_processes=True)
+    loss_settings = SimpleNamespace(
+        sup_con_weight=0.0, sup_con_temperature=0.07, bce_weight=0.0, gather_across_processes=True
+    )
 
     start = time.perf_counter()
     cache = cache_text_embeddings(clip, captions, batch_size=args.batch_size, processor=processor)
@@ -75,7 +85,9 @@ def main():
         index = list(range(step * args.batch_size, (step + 1) * args.batch_size))
         pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
         tokens = dict(processor(text=[captions[i] for i in index]))
-        batches.append(({"pixel_values": pixels, **tokens}, {"pixel_values": pixels, "text_embeds_cached": cache[index]}))
+        batches.append(
+            ({"pixel_values": pixels, **tokens}, {"pixel_values": pixels, "text_embeds_cached": cache[index]})
+        )
     mean_tokens = sum(int(b[0]["attention_mask"].sum()) for b in batches) / (num_steps * args.batch_size)
 
     def seconds_per_step(which: int) -> float:
@@ -92,11 +104,14 @@ def main():
         return (time.perf_counter() - start) / args.steps
 
     print(
-        f"text tower {count(clip.text_model)} params (Llama hidden {args.text_hidden} x {args.text_layers} layers, frozen), "
+        f"text tower {count(clip.text_model)} params "
+        f"(Llama hidden {args.text_hidden} x {args.text_layers} layers, frozen), "
         f"vision tower {count(clip.vision_model)} (CLIP hidden {args.vision_hidden} x {args.vision_layers} layers, "
         f"{args.image_size}px), heads {count(clip.text_projection)} + {count(clip.visual_projection)}"
     )
-    print(f"{args.threads} threads, batch {args.batch_size}, {mean_tokens:.0f} tokens/caption, {args.steps} timed steps")
+    print(
+        f"{args.threads} threads, batch {args.batch_size}, {mean_tokens:.0f} tokens/caption, {args.steps} timed steps"
+    )
     print(f"caching {len(captions)} captions once: {cache_seconds:.2f} s")
     online, cached = seconds_per_step(0), seconds_per_step(1)
     for name, seconds in (("online frozen text tower", online), ("cached text embeddings", cached)):

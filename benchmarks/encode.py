@@ -76,12 +76,20 @@ def main():
     for pooling_mode in ("mean", "latent_attention"):
         transformers.set_seed(0)
         model = build_text_encoder(
-            tokenizer, pooling_mode=pooling_mode,
-            backbone_kwargs={"hidden_size": args.hidden_size, "num_layers": args.layers, "num_heads": 4, "num_kv_heads": 4},
+            tokenizer,
+            pooling_mode=pooling_mode,
+            backbone_kwargs={
+                "hidden_size": args.hidden_size,
+                "num_layers": args.layers,
+                "num_heads": 4,
+                "num_kv_heads": 4,
+            },
         ).eval()
         model.encode(texts[:64], instruction=INSTRUCTION, batch_size=args.batch_size)  # warm-up
         _, naive_seconds = timed(lambda: naive_backbone(model, texts, args.batch_size))
-        _, encode_seconds = timed(lambda: model.encode(texts, instruction=INSTRUCTION, batch_size=args.batch_size, show_progress_bar=False))
+        _, encode_seconds = timed(
+            lambda: model.encode(texts, instruction=INSTRUCTION, batch_size=args.batch_size, show_progress_bar=False)
+        )
         backbone_seconds, pooling_seconds = backbone_and_pooling_split(model, texts, args.batch_size)
         print(f"\npooling={pooling_mode}")
         print(f"  naive backbone, file order : {len(texts) / naive_seconds:8.1f} reports/s ({naive_seconds:.2f} s)")

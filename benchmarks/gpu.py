@@ -72,8 +72,8 @@ def non_embedding_parameters(model) -> int:
 
 
 def build_text_model(shape: str, device, dtype):
-    from llm2clip4cxr.training.factory import build_text_encoder
     from llm2clip4cxr.augment.synthetic import build_synthetic_triplets
+    from llm2clip4cxr.training.factory import build_text_encoder
     from llm2clip4cxr.training.tokenization import train_report_tokenizer
 
     texts = [t["anchor"] for t in build_synthetic_triplets(2000, seed=1)]
@@ -176,7 +176,9 @@ def training_rates(model, reports, device, peak, sizes, mini_batch_size: int) ->
         features = [{k: v.to(device) for k, v in f.items()} for f in features]
         tokens = sum(int(f["attention_mask"].sum()) for f in features)
         for cached in (False, True):
-            loss_fn = contrastive_loss(st_model, size, mini_batch_size if cached else None, gather_across_devices=False)
+            loss_fn = contrastive_loss(
+                st_model, size, mini_batch_size if cached else None, gather_across_devices=False
+            )
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else \
                 contextlib.nullcontext()
 
@@ -232,7 +234,9 @@ def main(argv=None):
     results = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "shape": shape, "reports": count,
                "peak_tflops": peak / 1e12, "non_embedding_parameters": non_embedding_parameters(model)}
     batch_sizes = (64, 256, 1024) if on_gpu else (8, 16, 32)
-    results["encode"] = encode_rates(model, reports, device, peak, batch_sizes, compile_model=on_gpu and not args.no_compile)
+    results["encode"] = encode_rates(
+        model, reports, device, peak, batch_sizes, compile_model=on_gpu and not args.no_compile
+    )
     results["image"] = image_rate(shape, device, dtype, peak)
     sizes = (32, 256, 1024) if on_gpu else (8, 16)
     results["training"] = training_rates(model, reports, device, peak, sizes, mini_batch_size=64 if on_gpu else 4)

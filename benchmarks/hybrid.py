@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from llm2clip4cxr.retrieval.index import EmbeddingIndex
 from llm2clip4cxr.augment.synthetic import build_synthetic_triplets
+from llm2clip4cxr.retrieval.index import EmbeddingIndex
 
 
 def corpus_texts(count: int) -> list[str]:

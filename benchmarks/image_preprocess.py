@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from llm2clip4cxr.defaults import shared_data_dir
 from llm2clip4cxr.data.imaging import ImagePreprocessor, load_image
+from llm2clip4cxr.defaults import shared_data_dir
 
 SUFFIXES = (".png", ".jpg", ".dcm")
 

@@ -67,7 +67,9 @@ def timed(function):
 def search_in_batches(index, queries: np.ndarray, k: int, batch: int | None) -> np.ndarray:
     """Top-k positions, searching `batch` queries per call (all at once when None)."""
     batch = batch or len(queries)
-    return np.concatenate([index.search_raw(queries[start : start + batch], k)[1] for start in range(0, len(queries), batch)])
+    return np.concatenate(
+        [index.search_raw(queries[start : start + batch], k)[1] for start in range(0, len(queries), batch)]
+    )
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
@@ -172,8 +174,10 @@ def main():
           f"{args.batch or args.queries} queries per search call")
     print(f"  exact top-{args.k}:  {exact_qps:,.1f} queries/s (range {args.queries / max(exact_times):,.1f}-"
           f"{args.queries / min(exact_times):,.1f}), build {flat_build:.1f} s")
-    print(f"  approximate ({label}, {knob}={value}): {approx_qps:,.1f} queries/s (range "
-          f"{args.queries / max(approx_times):,.1f}-{args.queries / min(approx_times):,.1f}), build {approx_build:.1f} s")
+    print(
+        f"  approximate ({label}, {knob}={value}): {approx_qps:,.1f} queries/s (range "
+        f"{args.queries / max(approx_times):,.1f}-{args.queries / min(approx_times):,.1f}), build {approx_build:.1f} s"
+    )
     print(f"  recall@{args.k} vs exact: {recall:.3f} (target {args.target_recall}: "
           f"{'reached' if reached else 'NOT reached, ' + stop_reason})")
     print(f"  speed-up: {speedup:.1f}x")

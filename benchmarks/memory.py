@@ -29,7 +29,9 @@ GB = 1024**3
 ROOT = Path(__file__).resolve().parents[1]
 
 # Printed by every scenario as its last line: its own peak RSS (ru_maxrss is in KiB on Linux).
-_PEAK = "import resource; print(json.dumps({'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))"
+_PEAK = (
+    "import resource; print(json.dumps({'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))"
+)
 
 ENCODE = textwrap.dedent("""
     import json, resource
@@ -134,7 +136,9 @@ def main() -> None:
 
     if not args.skip_encode:
         result = run(ENCODE)
-        print(f"encode: model loaded at {result['model_loaded_rss_bytes'] / GB:.2f} GB RSS; embeddings {result['shape']}")
+        print(
+            f"encode: model loaded at {result['model_loaded_rss_bytes'] / GB:.2f} GB RSS; embeddings {result['shape']}"
+        )
         show("encode 100 reports x 200,000 characters", result, 1.0)
 
     if not args.skip_retrieve:

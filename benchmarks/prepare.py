@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from llm2clip4cxr.data import load_prepared
-from llm2clip4cxr.defaults import shared_data_dir
 from llm2clip4cxr.data.prepare import PrepareOptions, prepare
+from llm2clip4cxr.defaults import shared_data_dir
 
 SUFFIXES = (".png", ".jpg", ".dcm")
 
@@ -30,8 +30,9 @@ def fabricate(root: Path, count: int) -> Path:
         study = f"CXR{index}_IM-{index:04d}"
         (root / "images" / study).mkdir(parents=True)
         shutil.copy(samples[index % len(samples)], root / "images" / study / "0.png")  # DICOMs are sniffed, not named
-        annotation["train"].append({"id": study, "report": f"Made-up findings {index}.", "image_path": [f"{study}/0.png"],
-                                    "split": "train"})
+        annotation["train"].append(
+            {"id": study, "report": f"Made-up findings {index}.", "image_path": [f"{study}/0.png"], "split": "train"}
+        )
     (root / "annotation.json").write_text(json.dumps(annotation))
     return root
 
@@ -53,7 +54,10 @@ def main():
             summary = prepare(source, output, options, num_workers=workers, progress=False)
             seconds = time.perf_counter() - start
             rates[workers] = summary["total_rows"] / seconds
-            print(f"{workers:>2} worker(s): {summary['total_rows']} images in {seconds:.2f} s = {rates[workers]:.1f} images/s")
+            print(
+                f"{workers:>2} worker(s): {summary['total_rows']} images in {seconds:.2f} s = "
+                f"{rates[workers]:.1f} images/s"
+            )
         one, many = (load_prepared(Path(tmp) / f"out-{w}", "train") for w in (1, cores))
         assert one["image_id"] == many["image_id"]
         assert all(Path(a).read_bytes() == Path(b).read_bytes() for a, b in zip(one["image"], many["image"]))

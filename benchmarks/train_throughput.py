@@ -16,9 +16,9 @@ import time
 import torch
 import transformers
 
+from llm2clip4cxr.augment.triplets import build_triplets
 from llm2clip4cxr.data import openi_report_texts
 from llm2clip4cxr.training.factory import build_text_encoder
-from llm2clip4cxr.augment.triplets import build_triplets
 from llm2clip4cxr.training.text import contrastive_loss, mntp_collator, mntp_model_for, sentence_transformer_for
 from llm2clip4cxr.training.tokenization import train_report_tokenizer
 
@@ -47,11 +47,20 @@ def main():
     texts = openi_report_texts()
     tokenizer = train_report_tokenizer(texts, vocab_size=4096)
     needed = (args.steps + 2) * args.batch_size
-    triplets = [{k: t[k] for k in ("anchor", "positive", "negative")} for t in build_triplets(texts[: needed], seed=0)][:needed]
-    print(f"{args.threads} threads, Llama-style hidden {args.hidden_size} x {args.layers} layers, batch {args.batch_size}, "
-          f"{args.steps} timed steps")
+    triplets = [{k: t[k] for k in ("anchor", "positive", "negative")} for t in build_triplets(texts[:needed], seed=0)][
+        :needed
+    ]
+    print(
+        f"{args.threads} threads, Llama-style hidden {args.hidden_size} x {args.layers} layers, "
+        f"batch {args.batch_size}, "
+        f"{args.steps} timed steps"
+    )
     instruction = "Retrieve reports with the same clinical findings"
-    variants = (("one padded pass", 10**9, None), ("length buckets of 32", 32, None), ("GradCache, mini-batch 32", 32, 32))
+    variants = (
+        ("one padded pass", 10**9, None),
+        ("length buckets of 32", 32, None),
+        ("GradCache, mini-batch 32", 32, 32),
+    )
     for pooling_mode in ("mean", "latent_attention"):
         baseline = None
         for name, bucket_rows, mini_batch_size in variants:
@@ -84,7 +93,12 @@ def main():
             mask_collate = mntp_collator(tokenizer, seed=0)
             lm_optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4)
             mntp_batches = [
-                mask_collate([tokenizer(t["anchor"], truncation=True, max_length=512) for t in triplets[i : i + args.batch_size]])
+                mask_collate(
+                    [
+                        tokenizer(t["anchor"], truncation=True, max_length=512)
+                        for t in triplets[i : i + args.batch_size]
+                    ]
+                )
                 for i in range(0, len(triplets), args.batch_size)
             ]
 
@@ -94,7 +108,10 @@ def main():
                 lm_optimizer.zero_grad()
 
             mntp_seconds = time_steps(mntp_step, mntp_batches)
-            print(f"MNTP (reference)                  : {args.batch_size / mntp_seconds:7.1f} reports/s ({mntp_seconds:.2f} s/step)")
+            print(
+                f"MNTP (reference)                  : {args.batch_size / mntp_seconds:7.1f} reports/s "
+                f"({mntp_seconds:.2f} s/step)"
+            )
 
 
 if __name__ == "__main__":

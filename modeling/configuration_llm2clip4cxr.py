@@ -14,7 +14,13 @@ from .configuration_llm2vec4cxr import LLM2Vec4CXRConfig, build_sub_config
 
 # Vision towers whose `AutoModel` returns a `pooler_output` of `hidden_size`, the only interface the image
 # side relies on. EVA02 (the published LLM2CLIP4CXR's tower) is ours, registered by its configuration file.
-SUPPORTED_VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model", "dinov2", "vit", EVA02VisionConfig.model_type)
+SUPPORTED_VISION_MODEL_TYPES = (
+    "clip_vision_model",
+    "siglip_vision_model",
+    "dinov2",
+    "vit",
+    EVA02VisionConfig.model_type,
+)
 
 
 class LLM2CLIP4CXRConfig(PreTrainedConfig):

@@ -62,7 +62,11 @@ class EVA02Attention(nn.Module):
         def heads(x):
             return x.view(batch_size, num_tokens, self.num_heads, -1).transpose(1, 2)  # (B, h, T, dh)
 
-        query, key, value = heads(self.q_proj(hidden_states)), heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
+        query, key, value = (
+            heads(self.q_proj(hidden_states)),
+            heads(self.k_proj(hidden_states)),
+            heads(self.v_proj(hidden_states)),
+        )
         cos, sin = rope_cos.to(query.dtype), rope_sin.to(query.dtype)
 
         def rotate(x):

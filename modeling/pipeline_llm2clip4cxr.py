@@ -33,7 +33,9 @@ class LLM2CLIP4CXRZeroShotImageClassificationPipeline(ZeroShotImageClassificatio
         if not candidate_labels or isinstance(candidate_labels, str):
             raise ValueError(f"`candidate_labels` must be a non-empty list of class names, got {candidate_labels!r}.")
         if hypothesis_template.count("{}") != 1:
-            raise ValueError(f"`hypothesis_template` must contain one '{{}}' for the label, got {hypothesis_template!r}.")
+            raise ValueError(
+                f"`hypothesis_template` must contain one '{{}}' for the label, got {hypothesis_template!r}."
+            )
         if isinstance(image, str):
             image = load_image(image, timeout=timeout)
         prompts = [hypothesis_template.format(label) for label in candidate_labels]

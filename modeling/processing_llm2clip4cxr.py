@@ -296,9 +296,10 @@ class LLM2CLIP4CXRProcessor(ProcessorMixin):
     r"""
     Wraps an [`LLM2CLIP4CXRImageProcessor`] and the text tower's (fast) tokenizer.
 
-    Texts are tokenized by the encoder's own `tokenize_reports`, as [`LLM2Vec4CXRModel.tokenize`] does: `instruction.strip() + " " +
-    report`, with an `embed_mask` over the report tokens only (the instruction is attended to, not
-    pooled), reports cut at their end beyond `max_seq_length` tokens, padded on the tokenizer's side.
+    Texts are tokenized by the encoder's own `tokenize_reports`, as [`LLM2Vec4CXRModel.tokenize`] does:
+    `instruction.strip() + " " + report`, with an `embed_mask` over the report tokens only (the instruction is
+    attended to, not pooled), reports cut at their end beyond `max_seq_length` tokens, padded on the tokenizer's
+    side.
     A text may carry its own instruction as `"instruction" + instruction_separator + "report"`.
 
     Args:

@@ -65,7 +65,9 @@ def test_quickstart_starts_with_the_readme_commands():
 def test_quickstart_block_runs(index):
     language, body = code_blocks(QUICKSTART)[index]
     if language == "python":
-        result = subprocess.run([sys.executable, "-c", body], cwd=ROOT, env=environment(), capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-c", body], cwd=ROOT, env=environment(), capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         return
     assert language == "bash", f"block {index}: no rule to run a {language!r} block"

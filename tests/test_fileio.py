@@ -77,7 +77,10 @@ def test_output_lock_is_reentrant_whatever_the_path_is_called(tmp_path, monkeypa
     (tmp_path / "alias").symlink_to(tmp_path / "out")
     monkeypatch.chdir(tmp_path)
     # Held under one name, taken again under others in the same thread: no deadlock, one lock file.
-    with output_lock("out", inside=True, wait=False):
-        with output_lock(tmp_path / "out", inside=True, wait=False), output_lock("alias", inside=True, wait=False):
-            pass
+    with (
+        output_lock("out", inside=True, wait=False),
+        output_lock(tmp_path / "out", inside=True, wait=False),
+        output_lock("alias", inside=True, wait=False),
+    ):
+        pass
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [".lock"]

@@ -34,8 +34,20 @@ def test_wheel_contains_every_module_and_data_file(tmp_path):
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         "build", "dist", "*.egg-info", ".venv", ".git", "__pycache__", ".pytest_cache", "site", "runs"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
     )
     if build.returncode != 0 and "No module named pip" in build.stderr:
         pytest.skip("pip is not available in this interpreter")

@@ -35,15 +35,15 @@ sys.path.insert(0, str(HERE))
 import train_text_encoder  # noqa: E402
 
 from llm2clip4cxr import LLM2Vec4CXRModel  # noqa: E402
+from llm2clip4cxr.augment.synthetic import FAMILY as SYNTHETIC_FAMILY  # noqa: E402
+from llm2clip4cxr.augment.synthetic import build_synthetic_triplets  # noqa: E402
+from llm2clip4cxr.augment.variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS  # noqa: E402
 from llm2clip4cxr.data import read_reports_csv, split_by_study  # noqa: E402
 from llm2clip4cxr.defaults import shared_data_dir  # noqa: E402
 from llm2clip4cxr.evaluation import baselines, harness  # noqa: E402
-from llm2clip4cxr.training.factory import build_text_encoder  # noqa: E402
 from llm2clip4cxr.retrieval.encoders import llm2vec_encoder  # noqa: E402
 from llm2clip4cxr.retrieval.hybrid import HybridScorer  # noqa: E402
-from llm2clip4cxr.augment.variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS  # noqa: E402
-from llm2clip4cxr.augment.synthetic import FAMILY as SYNTHETIC_FAMILY  # noqa: E402
-from llm2clip4cxr.augment.synthetic import build_synthetic_triplets  # noqa: E402
+from llm2clip4cxr.training.factory import build_text_encoder  # noqa: E402
 from llm2clip4cxr.training.tokenization import train_report_tokenizer  # noqa: E402
 
 INSTRUCTION = "Retrieve reports with the same clinical findings"
@@ -76,7 +76,9 @@ def main(argv=None):
     transformers.set_seed(SEED)
     train_texts = [harness.report_text(row) for row in train_rows]
     # Synthetic text (another seed than training's) gives device and finding words their own tokens.
-    synthetic_texts = [t[role] for t in build_synthetic_triplets(3000, seed=SEED + 99) for role in ("anchor", "positive")]
+    synthetic_texts = [
+        t[role] for t in build_synthetic_triplets(3000, seed=SEED + 99) for role in ("anchor", "positive")
+    ]
     tokenizer = train_report_tokenizer(train_texts + synthetic_texts, vocab_size=4096)
     if not (output / "init" / "config.json").is_file() or not args.resume:
         initial = build_text_encoder(

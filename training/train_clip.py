@@ -50,19 +50,29 @@ class RecipeArguments:
                                         "written by `llm2clip4cxr prepare` (its train split)"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "LLM2CLIP4CXR checkpoint to continue"})
     text_model_name_or_path: str | None = field(default=None, metadata={"help": "LLM2Vec4CXR checkpoint (new model)"})
-    vision: str | None = field(default=None, metadata={"help": "vision checkpoint folder, or a vision config JSON file (random init)"})
+    vision: str | None = field(
+        default=None, metadata={"help": "vision checkpoint folder, or a vision config JSON file (random init)"}
+    )
     projection_dim: int = 512
     image_size: int = field(default=224, metadata={"help": "square canvas of a new processor"})
-    instruction: str | None = field(default=None, metadata={"help": "prepended to every caption (attended to, not pooled)"})
+    instruction: str | None = field(
+        default=None, metadata={"help": "prepended to every caption (attended to, not pooled)"}
+    )
     shuffle_p: float = field(default=0.3, metadata={"help": "probability of shuffling a caption's sentences"})
     freeze_text: bool = field(default=False, metadata={"help": "freeze the text tower (its projection still trains)"})
-    cache_text_embeddings: bool = field(default=False, metadata={"help": "with --freeze_text: run the text tower once, not every step"})
+    cache_text_embeddings: bool = field(
+        default=False, metadata={"help": "with --freeze_text: run the text tower once, not every step"}
+    )
     text_cache_batch_size: int = 32
-    lora_text: bool = field(default=False, metadata={"help": "LoRA (q/k/v/o) on the text tower instead of full training"})
+    lora_text: bool = field(
+        default=False, metadata={"help": "LoRA (q/k/v/o) on the text tower instead of full training"}
+    )
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    sup_con_weight: float = field(default=0.0, metadata={"help": "weight of the supervised-contrastive term (needs label)"})
+    sup_con_weight: float = field(
+        default=0.0, metadata={"help": "weight of the supervised-contrastive term (needs label)"}
+    )
     sup_con_temperature: float = 0.07
     bce_weight: float = field(default=0.0, metadata={"help": "weight of the normal/abnormal BCE term (needs label)"})
     resume: bool = field(default=False, metadata={"help": "resume from the last complete checkpoint in output_dir"})
@@ -97,7 +107,10 @@ def read_rows(path: str) -> list[dict]:
     else:
         raise ValueError(f"--data must be a .csv or .jsonl file or a prepared folder, got {path.name!r}.")
     if not rows or "image" not in rows[0] or not {"findings", "impression"} & rows[0].keys():
-        raise ValueError(f"{path} needs an `image` column and `findings` and/or `impression`; got {sorted(rows[0]) if rows else 'no rows'}.")
+        raise ValueError(
+            f"{path} needs an `image` column and `findings` and/or `impression`; "
+            f"got {sorted(rows[0]) if rows else 'no rows'}."
+        )
     for index, row in enumerate(rows):
         row["image"] = str(path.parent / row["image"])  # an absolute path stays as it is
         row["index"] = index
@@ -106,7 +119,9 @@ def read_rows(path: str) -> list[dict]:
 
 def load_model_and_processor(args: RecipeArguments):
     if args.model_name_or_path is not None:
-        return AutoModel.from_pretrained(args.model_name_or_path), AutoProcessor.from_pretrained(args.model_name_or_path)
+        return AutoModel.from_pretrained(args.model_name_or_path), AutoProcessor.from_pretrained(
+            args.model_name_or_path
+        )
     vision = args.vision
     if os.path.isfile(vision):  # a config JSON: a randomly initialised tower
         vision = json.loads(Path(vision).read_text())

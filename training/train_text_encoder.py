@@ -29,9 +29,9 @@ import transformers
 from transformers import Trainer
 
 import llm2clip4cxr
+from llm2clip4cxr.augment.triplets import build_section_pairs, build_triplets, load_triplets_jsonl
 from llm2clip4cxr.data import read_reports_csv, split_by_study
 from llm2clip4cxr.training.factory import encoder_from_decoder
-from llm2clip4cxr.augment.triplets import build_section_pairs, build_triplets, load_triplets_jsonl
 from llm2clip4cxr.training.recipe import (
     apply_lora,
     last_complete_checkpoint,
@@ -52,16 +52,32 @@ class RecipeArguments:
     stage: str = field(metadata={"help": "mntp, contrastive (report variants / pairs) or simcse (unsupervised)"})
     model_name_or_path: str = field(metadata={"help": "LLM2Vec4CXR checkpoint or decoder LLM folder/Hub id"})
     reports: str | None = field(default=None, metadata={"help": "report CSV (findings/impression columns)"})
-    data: str | None = field(default=None, metadata={"help": "a folder written by `llm2clip4cxr prepare` (instead of --reports): "
-                                                       "its train split trains, its validation split validates"})
+    data: str | None = field(
+        default=None,
+        metadata={
+            "help": "a folder written by `llm2clip4cxr prepare` (instead of --reports): "
+            "its train split trains, its validation split validates"
+        },
+    )
     report_columns: str = field(default="findings,impression", metadata={"help": "CSV text columns, comma-separated"})
-    pairs: str | None = field(default=None, metadata={"help": "JSONL of anchor/positive[/negative] (e.g. LLM-made variants)"})
+    pairs: str | None = field(
+        default=None, metadata={"help": "JSONL of anchor/positive[/negative] (e.g. LLM-made variants)"}
+    )
     validation_fraction: float = field(default=0.1, metadata={"help": "reports held out by study id (seeded)"})
-    instruction: str | None = field(default=None, metadata={"help": "instruction prepended (and pooled out) in contrastive "
-                                                             "stages; saved in the config as the model's default"})
-    instruction_name: str = field(default="retrieval", metadata={"help": "name of --instruction in config.instructions"})
-    mini_batch_size: int | None = field(default=None, metadata={"help": "contrastive: embed in mini-batches of this size "
-                                                                "(GradCache) when below the batch size"})
+    instruction: str | None = field(
+        default=None,
+        metadata={
+            "help": "instruction prepended (and pooled out) in contrastive "
+            "stages; saved in the config as the model's default"
+        },
+    )
+    instruction_name: str = field(
+        default="retrieval", metadata={"help": "name of --instruction in config.instructions"}
+    )
+    mini_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "contrastive: embed in mini-batches of this size (GradCache) when below the batch size"},
+    )
     variants_per_report: int = field(default=1, metadata={"help": "contrastive: variant triplets drawn per report"})
     section_pairs: bool = field(default=True, metadata={"help": "contrastive: also train findings<->impression of "
                                                         "each study (a symmetric loss)"})
@@ -70,9 +86,13 @@ class RecipeArguments:
     bucket_rows: int = field(default=32, metadata={"help": "contrastive: rows per length-sorted forward bucket"})
     pooling_mode: str = field(default="mean", metadata={"help": "pooling head when starting from a plain decoder"})
     mask_probability: float = field(default=0.2, metadata={"help": "MNTP: fraction of tokens masked"})
-    mask_token: str | None = field(default=None, metadata={"help": "MNTP: existing token used as mask when the tokenizer has none"})
+    mask_token: str | None = field(
+        default=None, metadata={"help": "MNTP: existing token used as mask when the tokenizer has none"}
+    )
     scale: float = field(default=20.0, metadata={"help": "contrastive: cosine similarity scale"})
-    simcse_dropout: float = field(default=0.1, metadata={"help": "simcse: attention dropout that makes the two views differ"})
+    simcse_dropout: float = field(
+        default=0.1, metadata={"help": "simcse: attention dropout that makes the two views differ"}
+    )
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -186,7 +206,12 @@ def train_contrastive(args: RecipeArguments, training_args, encoder, train_datas
     gather = training_args.world_size > 1  # score every anchor against the candidates of all processes
     losses = {
         name: contrastive_loss(
-            model, batch_size, args.mini_batch_size, args.scale, symmetric=name == "sections", gather_across_devices=gather
+            model,
+            batch_size,
+            args.mini_batch_size,
+            args.scale,
+            symmetric=name == "sections",
+            gather_across_devices=gather,
         )
         for name in train_dataset
     }

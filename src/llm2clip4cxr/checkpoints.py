@@ -32,7 +32,9 @@ def read_json_object(path: str | os.PathLike) -> dict:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
-        raise InputError(f"{path}, line {line}: not UTF-8 text (byte {raw[error.start]:#04x}); save it as UTF-8.") from None
+        raise InputError(
+            f"{path}, line {line}: not UTF-8 text (byte {raw[error.start]:#04x}); save it as UTF-8."
+        ) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:

@@ -18,6 +18,7 @@ A PEP 562 `__getattr__` alone would not do: `import llm2clip4cxr; AutoModel.from
 attribute of the package.
 """
 
+import contextlib
 import importlib.abc
 import importlib.util
 import sys
@@ -95,10 +96,8 @@ _hook = _RegisterAfterTransformers()
 
 
 def _remove_hook() -> None:
-    try:
+    with contextlib.suppress(ValueError):  # already removed
         sys.meta_path.remove(_hook)
-    except ValueError:  # already removed
-        pass
 
 
 def register_when_transformers_loads() -> None:

@@ -6,8 +6,8 @@ import re
 import pytest
 
 from llm2clip4cxr.augment import synthetic as synth
-from llm2clip4cxr.augment.variants import TRAINING_FAMILIES
 from llm2clip4cxr.augment.synthetic import Statement, build_synthetic_triplets, realize
+from llm2clip4cxr.augment.variants import TRAINING_FAMILIES
 
 
 def test_same_style_and_order_give_the_same_text_and_a_new_style_rewords():
@@ -44,11 +44,21 @@ def test_a_mutation_changes_exactly_one_statement_of_the_anchor():
         (Statement("finding", "effusion", side="left", grade="small"), "laterality", lambda s: s.side == "right"),
         (Statement("finding", "effusion", side="left", grade="small"), "severity_size", lambda s: s.grade == "large"),
         (Statement("finding", "effusion", side="left", grade="small"), "negation", lambda s: not s.present),
-        (Statement("finding", "opacity", side="right", location="rml"), "laterality", lambda s: s.location == "lingula"),
-        (Statement("finding", "nodule", side="left", location="lul", measure_mm=5.0), "severity_size",
-         lambda s: s.measure_mm == 15.0),
-        (Statement("finding", "edema", grade="mild", change="increased"), "change_over_time",
-         lambda s: s.change == "decreased"),
+        (
+            Statement("finding", "opacity", side="right", location="rml"),
+            "laterality",
+            lambda s: s.location == "lingula",
+        ),
+        (
+            Statement("finding", "nodule", side="left", location="lul", measure_mm=5.0),
+            "severity_size",
+            lambda s: s.measure_mm == 15.0,
+        ),
+        (
+            Statement("finding", "edema", grade="mild", change="increased"),
+            "change_over_time",
+            lambda s: s.change == "decreased",
+        ),
         (Statement("device", "picc", side="right", tip="svc"), "devices_lines", lambda s: s.tip != "svc"),
         (Statement("device", "chest_tube", side="left"), "devices_lines", lambda s: s.removed),
     ],

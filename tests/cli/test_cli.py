@@ -21,11 +21,15 @@ def run_cli(*args, cwd=None):
 def test_similarity_json_matches_the_model(make_encoder, tmp_path):
     model = make_encoder()
     model.save_pretrained(tmp_path / "model")
-    result = run_cli("similarity", *REPORTS, "--model", str(tmp_path / "model"), "--instruction", INSTRUCTION, "--json")
+    result = run_cli(
+        "similarity", *REPORTS, "--model", str(tmp_path / "model"), "--instruction", INSTRUCTION, "--json"
+    )
     assert result.returncode == 0, result.stderr
     payload = json.loads(result.stdout)
     embeddings = F.normalize(model.encode(REPORTS, instruction=INSTRUCTION), dim=-1)
-    torch.testing.assert_close(torch.tensor(payload["cosine_similarity"]), embeddings @ embeddings.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(payload["cosine_similarity"]), embeddings @ embeddings.T, rtol=1e-5, atol=1e-5
+    )
     assert payload["reports"] == REPORTS
 
 
@@ -33,7 +37,9 @@ def test_similarity_uses_the_default_model_and_writes_output(tmp_path):
     from llm2clip4cxr.defaults import load_default_text_encoder
 
     (tmp_path / "reports.txt").write_text("\n".join(REPORTS[1:]) + "\n")
-    result = run_cli("similarity", REPORTS[0], "--file", str(tmp_path / "reports.txt"), "--output", str(tmp_path / "out.txt"))
+    result = run_cli(
+        "similarity", REPORTS[0], "--file", str(tmp_path / "reports.txt"), "--output", str(tmp_path / "out.txt")
+    )
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "out.txt").read_text()
     assert all(report in table for report in REPORTS)
@@ -83,8 +89,22 @@ def test_encode_npy_equals_model_encode_and_other_formats(make_encoder, tmp_path
 
     model, path = saved_model(make_encoder, tmp_path)
     csv_path = write_csv(tmp_path / "reports.csv")
-    result = run_cli("encode", "--csv", str(csv_path), "--column", "findings", "--model", path,
-                     "--instruction", INSTRUCTION, "--output", str(tmp_path / "emb.npy"), "--json", "--chunk-size", "2")
+    result = run_cli(
+        "encode",
+        "--csv",
+        str(csv_path),
+        "--column",
+        "findings",
+        "--model",
+        path,
+        "--instruction",
+        INSTRUCTION,
+        "--output",
+        str(tmp_path / "emb.npy"),
+        "--json",
+        "--chunk-size",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "emb.npy.chunks").exists()  # the resumable chunk files are removed once joined
     texts = [row[1] for row in CSV_ROWS if row[1]]

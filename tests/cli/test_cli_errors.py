@@ -60,7 +60,9 @@ def test_unexpected_errors_are_one_line_with_a_debug_hint(tmp_path, capsys, monk
     csv_path = write_csv(tmp_path / "reports.csv")
     code, _, err = run(capsys, "similar", "query", "--csv", csv_path)
     assert code == 1
-    assert one_error_line(err, "similar").endswith("unexpected KeyError: 'boom' (rerun with --debug for the traceback)")
+    assert one_error_line(err, "similar").endswith(
+        "unexpected KeyError: 'boom' (rerun with --debug for the traceback)"
+    )
     code, out, _ = run(capsys, "similar", "query", "--csv", csv_path, "--json")
     assert code == 1 and json.loads(out)["kind"] == "internal"
     code, _, err = run(capsys, "similar", "query", "--csv", csv_path, "--debug")
@@ -139,18 +141,26 @@ def test_similar_refuses_a_top_k_below_one(tmp_path, capsys, top_k):
 def test_a_csv_with_a_bom_is_read(tmp_path, capsys):
     path = tmp_path / "excel.csv"
     path.write_bytes("\ufeffuid,findings\nr1,Small right pleural effusion.\nr2,Clear lungs.\n".encode())
-    code, out, err = run(capsys, "similar", "Small right pleural effusion.", "--csv", path, "--id-column", "uid", "--json")
+    code, out, err = run(
+        capsys, "similar", "Small right pleural effusion.", "--csv", path, "--id-column", "uid", "--json"
+    )
     assert code == 0, err
     assert [hit["id"] for hit in json.loads(out)["results"]] == ["r1", "r2"]
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"uid,findings\nr1,Clear lungs.\nr2,Small, right effusion.\n", "line 3: 3 cells, but the header has 2"),
-    (b'uid,findings\nr1,"Clear lungs.\nr2,Effusion.\n', "line 2: a quoted cell starting here is never closed"),
-    (b"uid,findings\n" + b"r,Clear lungs.\n" * 1000 + b"r1001,Caf\xe9 lungs.\n", "line 1002: not UTF-8 text (byte 0xe9"),
-    (b"uid,findings\n", "has a header row but no data rows"),
-    (b"", "is empty: expected a header row"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"uid,findings\nr1,Clear lungs.\nr2,Small, right effusion.\n", "line 3: 3 cells, but the header has 2"),
+        (b'uid,findings\nr1,"Clear lungs.\nr2,Effusion.\n', "line 2: a quoted cell starting here is never closed"),
+        (
+            b"uid,findings\n" + b"r,Clear lungs.\n" * 1000 + b"r1001,Caf\xe9 lungs.\n",
+            "line 1002: not UTF-8 text (byte 0xe9",
+        ),
+        (b"uid,findings\n", "has a header row but no data rows"),
+        (b"", "is empty: expected a header row"),
+    ],
+)
 def test_csv_problems_name_the_file_and_line(tmp_path, capsys, content, message):
     path = tmp_path / "reports.csv"
     path.write_bytes(content)

@@ -40,12 +40,19 @@ def fabricate_llm2vec4cxr_release(folder, tokenizer, seed=0, causal_lm_prefix=Fa
     if causal_lm_prefix:
         weights["lm_head.weight"] = torch.randn(len(tokenizer), HIDDEN)
     attention = torch.nn.MultiheadAttention(HIDDEN, LATENT_HEADS, batch_first=True)
-    weights.update({
-        "latent_attn.latents": torch.randn(LATENTS, HIDDEN),
-        **{f"latent_attn.multihead_attn.{key}": value.detach().clone() for key, value in attention.state_dict().items()},
-        "latent_attn.mlp.0.weight": torch.randn(HIDDEN, HIDDEN) * 0.1, "latent_attn.mlp.0.bias": torch.randn(HIDDEN) * 0.1,
-        "latent_attn.mlp.2.weight": torch.randn(HIDDEN, HIDDEN) * 0.1, "latent_attn.mlp.2.bias": torch.randn(HIDDEN) * 0.1,
-    })
+    weights.update(
+        {
+            "latent_attn.latents": torch.randn(LATENTS, HIDDEN),
+            **{
+                f"latent_attn.multihead_attn.{key}": value.detach().clone()
+                for key, value in attention.state_dict().items()
+            },
+            "latent_attn.mlp.0.weight": torch.randn(HIDDEN, HIDDEN) * 0.1,
+            "latent_attn.mlp.0.bias": torch.randn(HIDDEN) * 0.1,
+            "latent_attn.mlp.2.weight": torch.randn(HIDDEN, HIDDEN) * 0.1,
+            "latent_attn.mlp.2.bias": torch.randn(HIDDEN) * 0.1,
+        }
+    )
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
     release_tokenizer = copy.deepcopy(tokenizer)
@@ -60,9 +67,21 @@ def reference_llm2vec4cxr(config, weights, tokenizer, texts):
     report's tokens tokenized alone, run the decoder bidirectionally (a full 4-D mask), and pool the last
     `count` token states with nn.MultiheadAttention(tokens, latents, latents) -> Linear-GELU-Linear -> mean."""
     backbone = LlamaModel(config).eval()
-    backbone.load_state_dict({key.removeprefix("model."): value for key, value in weights.items() if not key.startswith(("latent_attn.", "lm_head."))})
+    backbone.load_state_dict(
+        {
+            key.removeprefix("model."): value
+            for key, value in weights.items()
+            if not key.startswith(("latent_attn.", "lm_head."))
+        }
+    )
     attention = torch.nn.MultiheadAttention(HIDDEN, LATENT_HEADS, batch_first=True).eval()
-    attention.load_state_dict({key.removeprefix("latent_attn.multihead_attn."): value for key, value in weights.items() if key.startswith("latent_attn.multihead_attn.")})
+    attention.load_state_dict(
+        {
+            key.removeprefix("latent_attn.multihead_attn."): value
+            for key, value in weights.items()
+            if key.startswith("latent_attn.multihead_attn.")
+        }
+    )
     latents = weights["latent_attn.latents"].unsqueeze(0)
     out = []
     with torch.no_grad():
@@ -135,11 +154,14 @@ torch.save({"module": type(model).__module__, "encode": model.encode(texts),
 """
 
 
-def test_converted_llm2vec4cxr_loads_as_remote_code_in_fresh_process(converted_text, tokenizer, report_texts, tmp_path):
+def test_converted_llm2vec4cxr_loads_as_remote_code_in_fresh_process(
+    converted_text, tokenizer, report_texts, tmp_path
+):
     root, config, weights, _ = converted_text
     texts = [INSTRUCTION + SEPARATOR + report for report in report_texts[:40]]
-    texts = [text for text in texts if report_tokens_agree(tokenizer, text)][:2] + \
-        [text for text in texts if not report_tokens_agree(tokenizer, text)][:2]  # the published mask rule matters here
+    texts = [text for text in texts if report_tokens_agree(tokenizer, text)][:2] + [
+        text for text in texts if not report_tokens_agree(tokenizer, text)
+    ][:2]  # the published mask rule matters here
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run([sys.executable, "-c", FRESH_TEXT, str(root / "converted"), str(tmp_path / "texts.json"),
@@ -184,7 +206,10 @@ def _rewrite_release(source, destination, edit):
         (lambda w: w.pop("layers.1.mlp.up_proj.weight"), r"missing keys: layers\.1\.mlp\.up_proj\.weight"),
         (lambda w: w.update({"layers.0.extra.weight": torch.zeros(2)}), r"unknown keys: layers\.0\.extra\.weight"),
         (lambda w: w.update({"latent_attn.extra": torch.zeros(2)}), r"unknown keys: extra"),
-        (lambda w: w.update({"norm.weight": torch.zeros(3)}), r"size-mismatched keys: norm\.weight \(checkpoint \(3,\) vs expected \(64,\)\)"),
+        (
+            lambda w: w.update({"norm.weight": torch.zeros(3)}),
+            r"size-mismatched keys: norm\.weight \(checkpoint \(3,\) vs expected \(64,\)\)",
+        ),
     ],
 )
 def test_llm2vec4cxr_conversion_names_bad_keys(converted_text, tmp_path, edit, message):
@@ -198,7 +223,9 @@ def test_llm2vec4cxr_pooling_mode_rules(converted_text, tmp_path):
     release = converted_text[0] / "release"
     with pytest.raises(ValueError, match="would discard them"):
         convert_llm2vec4cxr(release, tmp_path / "out", pooling_mode="mean")
-    _rewrite_release(release, tmp_path / "plain", lambda w: [w.pop(key) for key in list(w) if key.startswith("latent_attn.")])
+    _rewrite_release(
+        release, tmp_path / "plain", lambda w: [w.pop(key) for key in list(w) if key.startswith("latent_attn.")]
+    )
     with pytest.raises(ValueError, match="does not store its pooling mode"):
         convert_llm2vec4cxr(tmp_path / "plain", tmp_path / "out")
     assert convert_llm2vec4cxr(tmp_path / "plain", tmp_path / "out", pooling_mode="mean")["pooling_mode"] == "mean"
@@ -236,13 +263,20 @@ def fabricate_llm2clip4cxr_state_dict(text_state, seed=0):
 
     cos, sin = reference_rope(GRID, PRETRAIN_GRID, HEAD_DIM)
     sd = {
-        "visual.cls_token": rand(1, 1, WIDTH), "visual.pos_embed": rand(1, GRID * GRID + 1, WIDTH),
-        "visual.patch_embed.proj.weight": rand(WIDTH, 3, PATCH, PATCH, scale=0.05), "visual.patch_embed.proj.bias": rand(WIDTH),
-        "visual.rope.freqs_cos": cos, "visual.rope.freqs_sin": sin,
-        "visual.norm.weight": 1 + rand(WIDTH), "visual.norm.bias": rand(WIDTH),
-        "visual.head.weight": rand(PROJECTION, WIDTH), "visual.head.bias": rand(PROJECTION),
-        "text.projection.0.weight": 1 + rand(HIDDEN), "text.projection.0.bias": rand(HIDDEN),
-        "text.projection.1.weight": rand(PROJECTION, HIDDEN), "text.projection.1.bias": rand(PROJECTION),
+        "visual.cls_token": rand(1, 1, WIDTH),
+        "visual.pos_embed": rand(1, GRID * GRID + 1, WIDTH),
+        "visual.patch_embed.proj.weight": rand(WIDTH, 3, PATCH, PATCH, scale=0.05),
+        "visual.patch_embed.proj.bias": rand(WIDTH),
+        "visual.rope.freqs_cos": cos,
+        "visual.rope.freqs_sin": sin,
+        "visual.norm.weight": 1 + rand(WIDTH),
+        "visual.norm.bias": rand(WIDTH),
+        "visual.head.weight": rand(PROJECTION, WIDTH),
+        "visual.head.bias": rand(PROJECTION),
+        "text.projection.0.weight": 1 + rand(HIDDEN),
+        "text.projection.0.bias": rand(HIDDEN),
+        "text.projection.1.weight": rand(PROJECTION, HIDDEN),
+        "text.projection.1.bias": rand(PROJECTION),
         "logit_scale": torch.tensor(math.log(50.0)),
     }
     for i in range(LAYERS):
@@ -349,10 +383,15 @@ def test_llm2clip4cxr_conversion_equals_reference_forward(published_clip, report
 
     tower = LLM2Vec4CXRModel.from_pretrained(text_dir).eval()
     tower.model = get_peft_model(
-        tower.model, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        tower.model,
+        LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
         adapter_name="llm2clip",
     )
-    lora = {key.removeprefix("text.core.model.base_model.model."): value for key, value in sd.items() if key.startswith("text.core.") and ".llm2clip." in key}
+    lora = {
+        key.removeprefix("text.core.model.base_model.model."): value
+        for key, value in sd.items()
+        if key.startswith("text.core.") and ".llm2clip." in key
+    }
     for name, parameter in tower.model.named_parameters():
         if "lora_" in name:
             parameter.data.copy_(lora[name.removeprefix("base_model.model.")])
@@ -389,11 +428,15 @@ def test_converted_llm2clip4cxr_loads_as_remote_code_in_fresh_process(published_
     converted = root / "converted"
     assert {"modeling_eva02.py", "configuration_eva02.py"} <= {p.name for p in converted.iterdir()}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    subprocess.run([sys.executable, "-c", FRESH_CLIP, str(converted), str(tmp_path / "out.pt")], check=True, env=env, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-c", FRESH_CLIP, str(converted), str(tmp_path / "out.pt")], check=True, env=env, cwd=tmp_path
+    )
     result = torch.load(tmp_path / "out.pt")
     assert result["module"].startswith("transformers_modules.")
     assert result["size"] == {"height": IMAGE, "width": IMAGE}
-    torch.testing.assert_close(result["image"], reference_eva02_image_features(sd, result["pixels"]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        result["image"], reference_eva02_image_features(sd, result["pixels"]), rtol=1e-4, atol=1e-5
+    )
 
 
 def _convert_edited(published_clip, tmp_path, edit, **kwargs):
@@ -408,15 +451,45 @@ def _convert_edited(published_clip, tmp_path, edit, **kwargs):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda sd: sd.pop("visual.blocks.1.mlp.ffn_ln.bias"), r"missing keys: vision_model\.blocks\.1\.mlp\.ffn_ln\.bias"),
+        (
+            lambda sd: sd.pop("visual.blocks.1.mlp.ffn_ln.bias"),
+            r"missing keys: vision_model\.blocks\.1\.mlp\.ffn_ln\.bias",
+        ),
         (lambda sd: sd.pop("text.projection.1.bias"), r"missing keys: text_projection\.1\.bias"),
-        (lambda sd: sd.update({"visual.blocks.0.attn.k_proj.bias": torch.zeros(WIDTH)}), r"unknown keys: vision_model\.blocks\.0\.attn\.k_proj\.bias"),
+        (
+            lambda sd: sd.update({"visual.blocks.0.attn.k_proj.bias": torch.zeros(WIDTH)}),
+            r"unknown keys: vision_model\.blocks\.0\.attn\.k_proj\.bias",
+        ),
         (lambda sd: sd.update({"text.text_adaptor.weight": torch.zeros(2)}), r"does not: text\.text_adaptor\.weight"),
-        (lambda sd: sd.update({"text.core.model.base_model.model.layers.0.extra.weight": torch.zeros(2)}), r"does not have: text\.core\.model\.base_model\.model\.layers\.0\.extra\.weight"),
-        (lambda sd: sd.update({"text.core.model.base_model.model.norm.weight": torch.zeros(HIDDEN)}), r"differ from --text-model \(text\.core\.model\.base_model\.model\.norm\.weight\)"),
-        (lambda sd: [sd.pop(f"text.{alias}.model.base_model.model.layers.0.self_attn.q_proj.lora_B.llm2clip.weight") for alias in ("core", "model")], r"lacks lora_B"),
-        (lambda sd: sd.update({"text.model.model.base_model.model.layers.0.self_attn.q_proj.lora_A.llm2clip.weight": torch.zeros(LORA_RANK, HIDDEN)}), r"copies of .*q_proj\.lora_A\.llm2clip\.weight differ"),
-        (lambda sd: sd.update({"visual.head.weight": torch.zeros(PROJECTION, WIDTH + 1)}), r"size-mismatched keys: visual_projection\.weight"),
+        (
+            lambda sd: sd.update({"text.core.model.base_model.model.layers.0.extra.weight": torch.zeros(2)}),
+            r"does not have: text\.core\.model\.base_model\.model\.layers\.0\.extra\.weight",
+        ),
+        (
+            lambda sd: sd.update({"text.core.model.base_model.model.norm.weight": torch.zeros(HIDDEN)}),
+            r"differ from --text-model \(text\.core\.model\.base_model\.model\.norm\.weight\)",
+        ),
+        (
+            lambda sd: [
+                sd.pop(f"text.{alias}.model.base_model.model.layers.0.self_attn.q_proj.lora_B.llm2clip.weight")
+                for alias in ("core", "model")
+            ],
+            r"lacks lora_B",
+        ),
+        (
+            lambda sd: sd.update(
+                {
+                    "text.model.model.base_model.model.layers.0.self_attn.q_proj.lora_A.llm2clip.weight": torch.zeros(
+                        LORA_RANK, HIDDEN
+                    )
+                }
+            ),
+            r"copies of .*q_proj\.lora_A\.llm2clip\.weight differ",
+        ),
+        (
+            lambda sd: sd.update({"visual.head.weight": torch.zeros(PROJECTION, WIDTH + 1)}),
+            r"size-mismatched keys: visual_projection\.weight",
+        ),
     ],
 )
 def test_llm2clip4cxr_conversion_names_bad_keys(published_clip, tmp_path, edit, message):
@@ -478,10 +551,21 @@ def test_convert_cli(converted_text, published_clip, tmp_path, capsys):
     root = converted_text[0]
     assert cli_main(["convert", "llm2vec4cxr", str(root / "release"), str(tmp_path / "text"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pooling_mode"] == "latent_attention"
-    code = cli_main([
-        "convert", "llm2clip4cxr", str(published_clip[0] / "llm2clip4cxr.bin"), str(tmp_path / "clip"),
-        "--text-model", str(tmp_path / "text"), "--lora-alpha", str(LORA_ALPHA), "--rope-pretrain-grid", str(PRETRAIN_GRID), "--json",
-    ])
+    code = cli_main(
+        [
+            "convert",
+            "llm2clip4cxr",
+            str(published_clip[0] / "llm2clip4cxr.bin"),
+            str(tmp_path / "clip"),
+            "--text-model",
+            str(tmp_path / "text"),
+            "--lora-alpha",
+            str(LORA_ALPHA),
+            "--rope-pretrain-grid",
+            str(PRETRAIN_GRID),
+            "--json",
+        ]
+    )
     assert code == 0
     assert json.loads(capsys.readouterr().out)["merged_lora_adapter"] == "llm2clip"
     assert cli_main(["convert", "llm2vec4cxr", str(root / "release"), str(tmp_path / "text")]) == 1

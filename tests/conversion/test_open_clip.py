@@ -39,14 +39,21 @@ def _fabricate(folder, report_texts, *, bert_width=32, bert_heads=4, proj="mlp",
         return {f"{prefix}.{gamma}": 1 + rand(width, scale=0.1), f"{prefix}.{beta}": rand(width, scale=0.1)}
 
     def linear(prefix, out_features, in_features, bias=True):
-        return {f"{prefix}.weight": rand(out_features, in_features), **({f"{prefix}.bias": rand(out_features)} if bias else {})}
+        return {
+            f"{prefix}.weight": rand(out_features, in_features),
+            **({f"{prefix}.bias": rand(out_features)} if bias else {}),
+        }
 
     vocab = _vocab(report_texts)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     width, tokens = VIT_WIDTH, 1 + (IMAGE // PATCH) ** 2
-    sd = {"logit_scale": torch.tensor(math.log(1 / 0.07)),
-          "visual.trunk.cls_token": rand(1, 1, width), "visual.trunk.pos_embed": rand(1, tokens, width),
-          "visual.trunk.patch_embed.proj.weight": rand(width, 3, PATCH, PATCH), "visual.trunk.patch_embed.proj.bias": rand(width)}
+    sd = {
+        "logit_scale": torch.tensor(math.log(1 / 0.07)),
+        "visual.trunk.cls_token": rand(1, 1, width),
+        "visual.trunk.pos_embed": rand(1, tokens, width),
+        "visual.trunk.patch_embed.proj.weight": rand(width, 3, PATCH, PATCH),
+        "visual.trunk.patch_embed.proj.bias": rand(width),
+    }
     for i in range(VIT_DEPTH):
         block = f"visual.trunk.blocks.{i}"
         sd |= norm(f"{block}.norm1", width) | norm(f"{block}.norm2", width)
@@ -66,24 +73,44 @@ def _fabricate(folder, report_texts, *, bert_width=32, bert_heads=4, proj="mlp",
         layer = f"{t}.encoder.layer.{i}"
         for name in ("query", "key", "value"):
             sd |= linear(f"{layer}.attention.self.{name}", bert_width, bert_width)
-        sd |= linear(f"{layer}.attention.output.dense", bert_width, bert_width) | norm(f"{layer}.attention.output.LayerNorm", bert_width)
+        sd |= linear(f"{layer}.attention.output.dense", bert_width, bert_width) | norm(
+            f"{layer}.attention.output.LayerNorm", bert_width
+        )
         sd |= linear(f"{layer}.intermediate.dense", 2 * bert_width, bert_width)
-        sd |= linear(f"{layer}.output.dense", bert_width, 2 * bert_width) | norm(f"{layer}.output.LayerNorm", bert_width)
+        sd |= linear(f"{layer}.output.dense", bert_width, 2 * bert_width) | norm(
+            f"{layer}.output.LayerNorm", bert_width
+        )
     if proj == "mlp":
         hidden = (bert_width + EMBED_DIM) // 2
-        sd |= linear("text.proj.0", hidden, bert_width, bias=False) | linear("text.proj.2", EMBED_DIM, hidden, bias=False)
+        sd |= linear("text.proj.0", hidden, bert_width, bias=False) | linear(
+            "text.proj.2", EMBED_DIM, hidden, bias=False
+        )
     else:
         sd |= linear("text.proj", EMBED_DIM, bert_width, bias=False)
 
     config = {
         "model_cfg": {
             "embed_dim": EMBED_DIM,
-            "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
-                           "timm_proj": "linear", "image_size": IMAGE,
-                           "timm_model_kwargs": {"embed_dim": width, "depth": VIT_DEPTH, "num_heads": VIT_HEADS, "patch_size": PATCH}},
-            "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
-                         "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
-                         "hf_proj_type": proj, "hf_pooler_type": pooler, "context_length": CONTEXT},
+            "vision_cfg": {
+                "timm_model_name": "vit_base_patch16_224",
+                "timm_model_pretrained": False,
+                "timm_pool": "",
+                "timm_proj": "linear",
+                "image_size": IMAGE,
+                "timm_model_kwargs": {
+                    "embed_dim": width,
+                    "depth": VIT_DEPTH,
+                    "num_heads": VIT_HEADS,
+                    "patch_size": PATCH,
+                },
+            },
+            "text_cfg": {
+                "hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                "hf_proj_type": proj,
+                "hf_pooler_type": pooler,
+                "context_length": CONTEXT,
+            },
         },
         "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)},
     }
@@ -128,7 +155,10 @@ def _reference_text(sd, bert, input_ids, proj, pooler):
     ln = lambda x, name: F.layer_norm(x, (width,), sd[name + ".weight"], sd[name + ".bias"], eps=1e-12)  # noqa: E731
     lin = lambda x, name: F.linear(x, sd[name + ".weight"], sd.get(name + ".bias"))  # noqa: E731
     positions = torch.arange(input_ids.shape[1])
-    x = sd[t + "embeddings.word_embeddings.weight"][input_ids] + sd[t + "embeddings.position_embeddings.weight"][positions]
+    x = (
+        sd[t + "embeddings.word_embeddings.weight"][input_ids]
+        + sd[t + "embeddings.position_embeddings.weight"][positions]
+    )
     x = ln(x + sd[t + "embeddings.token_type_embeddings.weight"][0], t + "embeddings.LayerNorm")
     for i in range(bert.num_hidden_layers):
         b = f"{t}encoder.layer.{i}."
@@ -145,9 +175,13 @@ def _reference_text(sd, bert, input_ids, proj, pooler):
 def _reference_pixels(image: np.ndarray) -> torch.Tensor:
     # A 40x48 (H x W) image: shorter side 40 -> 32 makes it 32x38 (int(32 * 48 / 40)); centre crop from column 3.
     assert image.shape[:2] == (40, 48)
-    resized = np.asarray(Image.fromarray(image).convert("RGB").resize((38, 32), Image.Resampling.BICUBIC), dtype=np.float32)
+    resized = np.asarray(
+        Image.fromarray(image).convert("RGB").resize((38, 32), Image.Resampling.BICUBIC), dtype=np.float32
+    )
     crop = resized[:, 3:35].transpose(2, 0, 1) / 255.0
-    return torch.from_numpy((crop - np.array(MEAN, np.float32)[:, None, None]) / np.array(STD, np.float32)[:, None, None])
+    return torch.from_numpy(
+        (crop - np.array(MEAN, np.float32)[:, None, None]) / np.array(STD, np.float32)[:, None, None]
+    )
 
 
 CASES = {
@@ -165,16 +199,29 @@ def test_biomedclip_features_match_plain_torch_reference(tmp_path, report_texts,
     options = CASES[case]
     sd, bert = _fabricate(tmp_path, report_texts, **options)
     encoder = BiomedCLIPDualEncoder.from_open_clip(tmp_path, batch_size=2)
-    texts = [report_texts[0], "Heart size  is normal &amp; lungs are clear.", report_texts[3] * 5]  # the last is truncated
+    texts = [
+        report_texts[0],
+        "Heart size  is normal &amp; lungs are clear.",
+        report_texts[3] * 5,
+    ]  # the last is truncated
     tokenizer = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=True)
     cleaned = [texts[0].strip(), "Heart size is normal & lungs are clear.", texts[2].strip()]
     with torch.no_grad():  # one text at a time, no padding: the adapter's batching and masking must not matter
-        expected = torch.cat([
-            _reference_text(sd, bert, tokenizer([text], truncation=True, max_length=CONTEXT, return_tensors="pt")["input_ids"],
-                            options["proj"], options["pooler"])
-            for text in cleaned
-        ])
-    np.testing.assert_allclose(encoder.encode_texts(texts), F.normalize(expected, dim=-1).numpy(), rtol=1e-4, atol=1e-5)
+        expected = torch.cat(
+            [
+                _reference_text(
+                    sd,
+                    bert,
+                    tokenizer([text], truncation=True, max_length=CONTEXT, return_tensors="pt")["input_ids"],
+                    options["proj"],
+                    options["pooler"],
+                )
+                for text in cleaned
+            ]
+        )
+    np.testing.assert_allclose(
+        encoder.encode_texts(texts), F.normalize(expected, dim=-1).numpy(), rtol=1e-4, atol=1e-5
+    )
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
@@ -212,18 +259,42 @@ def _edit_safetensors(folder, edit):
 @pytest.mark.parametrize(
     "break_it, error, message",
     [
-        (lambda f: _edit_safetensors(f, lambda sd: sd.update({"visual.trunk.extra.weight": torch.zeros(2)})),
-         ValueError, r"Unknown keys: \['visual.trunk.extra.weight'\]"),
-        (lambda f: _edit_safetensors(f, lambda sd: sd.pop("text.proj.2.weight")), ValueError, r"Missing keys: \['text.proj.2.weight'\]"),
-        (lambda f: _edit_safetensors(f, lambda sd: sd.update({"visual.head.proj.weight": torch.zeros(EMBED_DIM, 8)})),
-         ValueError, r"visual.head.proj.weight: \(16, 8\), expected \(16, 32\)"),
+        (
+            lambda f: _edit_safetensors(f, lambda sd: sd.update({"visual.trunk.extra.weight": torch.zeros(2)})),
+            ValueError,
+            r"Unknown keys: \['visual.trunk.extra.weight'\]",
+        ),
+        (
+            lambda f: _edit_safetensors(f, lambda sd: sd.pop("text.proj.2.weight")),
+            ValueError,
+            r"Missing keys: \['text.proj.2.weight'\]",
+        ),
+        (
+            lambda f: _edit_safetensors(
+                f, lambda sd: sd.update({"visual.head.proj.weight": torch.zeros(EMBED_DIM, 8)})
+            ),
+            ValueError,
+            r"visual.head.proj.weight: \(16, 8\), expected \(16, 32\)",
+        ),
         (lambda f: (f / "vocab.txt").unlink(), FileNotFoundError, r"put the vocab.txt .* of 'microsoft/BiomedNLP"),
         (lambda f: (f / "open_clip_model.safetensors").unlink(), FileNotFoundError, "none of"),
-        (lambda f: ((f / "open_clip_model.safetensors").unlink(),
-                    torch.save({"visual.trunk.cls_token": torch.zeros(1), "x": _CodePayload()}, f / "open_clip_pytorch_model.bin")),
-         ValueError, "pickle that needs code to load, which is refused"),
-        (lambda f: (f / "config.json").write_text(json.dumps({**json.loads((f / "config.json").read_text()), "pad_token_id": 3})),
-         ValueError, "tokenizer pads with id 0 but .* has pad_token_id 3"),
+        (
+            lambda f: (
+                (f / "open_clip_model.safetensors").unlink(),
+                torch.save(
+                    {"visual.trunk.cls_token": torch.zeros(1), "x": _CodePayload()}, f / "open_clip_pytorch_model.bin"
+                ),
+            ),
+            ValueError,
+            "pickle that needs code to load, which is refused",
+        ),
+        (
+            lambda f: (f / "config.json").write_text(
+                json.dumps({**json.loads((f / "config.json").read_text()), "pad_token_id": 3})
+            ),
+            ValueError,
+            "tokenizer pads with id 0 but .* has pad_token_id 3",
+        ),
     ],
     ids=["unknown_key", "missing_key", "wrong_shape", "no_tokenizer", "no_weights", "code_pickle", "pad_id_mismatch"],
 )
@@ -253,8 +324,21 @@ def test_eval_cli_scores_a_clip_baseline_like_the_harness(tmp_path, report_texts
     folder.mkdir()
     _fabricate(folder, report_texts)
     out = tmp_path / "eval"
-    code = main(["eval", "--no-model", "--clip-baseline", str(folder), "--limit", "20", "--tasks", "findings_to_impression",
-                 "--output-dir", str(out), "--json"])
+    code = main(
+        [
+            "eval",
+            "--no-model",
+            "--clip-baseline",
+            str(folder),
+            "--limit",
+            "20",
+            "--tasks",
+            "findings_to_impression",
+            "--output-dir",
+            str(out),
+            "--json",
+        ]
+    )
     assert code == 0
     rows = read_reports_csv(OPENI_REPORTS)[:20]
     expected = harness.run_evaluation({"biomedclip": BiomedCLIPDualEncoder.from_open_clip(folder).encode_texts}, rows,

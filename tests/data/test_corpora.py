@@ -23,20 +23,28 @@ pytestmark = needs_samples
 # subject -> studies -> (report or None for a missing report file, [(dicom_id, view, sample file, split)])
 MIMIC_STUDIES = {
     10000032: {
-        50414267: (" FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n INDICATION:  ___F with cough\n\n FINDINGS:\n"
-                   "  The lungs are clear.  No pleural effusion\n  or pneumothorax.\n\n IMPRESSION:  No acute process.\n",
-                   [("02aa804e-bde0afdd", "PA", JPEG, "train"), ("174413ec-4ec4c1f7", "LATERAL", PNG, "train")]),
-        53189527: (" FINAL REPORT\n INDICATION:  Line placement.\n\n IMPRESSION:  Right IJ line tip in the SVC.\n",
-                   [("2a2277a9-b0ded155", "AP", DICOM, "train")]),
+        50414267: (
+            " FINAL REPORT\n EXAMINATION:  CHEST (PA AND LAT)\n INDICATION:  ___F with cough\n\n FINDINGS:\n"
+            "  The lungs are clear.  No pleural effusion\n  or pneumothorax.\n\n IMPRESSION:  No acute process.\n",
+            [("02aa804e-bde0afdd", "PA", JPEG, "train"), ("174413ec-4ec4c1f7", "LATERAL", PNG, "train")],
+        ),
+        53189527: (
+            " FINAL REPORT\n INDICATION:  Line placement.\n\n IMPRESSION:  Right IJ line tip in the SVC.\n",
+            [("2a2277a9-b0ded155", "AP", DICOM, "train")],
+        ),
     },
     10000764: {
-        57375967: (" FINAL REPORT\n COMPARISON:  None.\n\n FINDINGS:  Mild cardiomegaly.\n\n IMPRESSION:  Cardiomegaly.\n",
-                   [("096052b7-d256dc40", "PA", PNG2, "validate"), ("b79e55c3-735ce5ac", "LL", PNG, "validate")]),
+        57375967: (
+            " FINAL REPORT\n COMPARISON:  None.\n\n FINDINGS:  Mild cardiomegaly.\n\n IMPRESSION:  Cardiomegaly.\n",
+            [("096052b7-d256dc40", "PA", PNG2, "validate"), ("b79e55c3-735ce5ac", "LL", PNG, "validate")],
+        ),
     },
     10001217: {
         58913004: (None, [("5e54fc9c-37c49834", "AP", PNG, "test")]),  # its report file is missing
-        52067803: (" FINAL REPORT\n FINDINGS:  Small left effusion.\n IMPRESSION:  Effusion.\n",
-                   [("ea030e7a-2e3b1346", "PA", JPEG, "test")]),
+        52067803: (
+            " FINAL REPORT\n FINDINGS:  Small left effusion.\n IMPRESSION:  Effusion.\n",
+            [("ea030e7a-2e3b1346", "PA", JPEG, "test")],
+        ),
     },
 }
 MIMIC_LABELS = {50414267: {"No Finding": 1.0}, 57375967: {"Cardiomegaly": 1.0, "Edema": -1.0, "No Finding": 0.0}}
@@ -92,22 +100,49 @@ def make_chexpert_plus(root: Path) -> Path:
         target = (folder / "PNG" / path).with_suffix(".png")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(sample, target)
-    header = ["path_to_image", "path_to_dcm", "frontal_lateral", "ap_pa", "deid_patient_id", "patient_report_date_order",
-              "report", "section_findings", "section_impression", "split"]
+    header = [
+        "path_to_image",
+        "path_to_dcm",
+        "frontal_lateral",
+        "ap_pa",
+        "deid_patient_id",
+        "patient_report_date_order",
+        "report",
+        "section_findings",
+        "section_impression",
+        "split",
+    ]
     rows = [[path, path.replace(".jpg", ".dcm"), fl, ap, patient, 1, f"FINDINGS: {f} IMPRESSION: {i}", f, i, split]
             for path, fl, ap, patient, f, i, split, _ in CHEXPERT_PLUS_ROWS]
     write_csv(folder / "df_chexpert_plus_240401.csv", header, rows)
     (folder / "chexbert_labels").mkdir()
     with open(folder / "chexbert_labels" / "impression_fixed.json", "w") as handle:
-        handle.write(json.dumps({"path_to_image": CHEXPERT_PLUS_ROWS[0][0], "Pneumothorax": 0.0, "Support Devices": 1.0}) + "\n")
+        handle.write(
+            json.dumps({"path_to_image": CHEXPERT_PLUS_ROWS[0][0], "Pneumothorax": 0.0, "Support Devices": 1.0}) + "\n"
+        )
     return folder
 
 
 R2GEN = {
-    "train": [{"id": "CXR2384_IM-0942", "report": "The heart is normal in size. The lungs are clear.",
-               "image_path": ["CXR2384_IM-0942/0.png", "CXR2384_IM-0942/1.png"], "split": "train"}],
-    "val": [{"id": "CXR1000_IM-0003", "report": "Mild cardiomegaly.", "image_path": ["CXR1000_IM-0003/0.png"], "split": "val"}],
-    "test": [{"id": "CXR2000_IM-0652", "report": "No effusion.", "image_path": ["CXR2000_IM-0652/0.png"], "split": "test"}],
+    "train": [
+        {
+            "id": "CXR2384_IM-0942",
+            "report": "The heart is normal in size. The lungs are clear.",
+            "image_path": ["CXR2384_IM-0942/0.png", "CXR2384_IM-0942/1.png"],
+            "split": "train",
+        }
+    ],
+    "val": [
+        {
+            "id": "CXR1000_IM-0003",
+            "report": "Mild cardiomegaly.",
+            "image_path": ["CXR1000_IM-0003/0.png"],
+            "split": "val",
+        }
+    ],
+    "test": [
+        {"id": "CXR2000_IM-0652", "report": "No effusion.", "image_path": ["CXR2000_IM-0652/0.png"], "split": "test"}
+    ],
 }
 
 
@@ -132,7 +167,9 @@ def test_mimic_reader_joins_metadata_split_labels_and_reports(tmp_path):
             for dicom_id, view, _, split in images:
                 if report is not None:
                     expected[dicom_id] = (str(subject), str(study), view, {"validate": "validation"}.get(split, split))
-    assert {r["image_id"]: (r["patient_id"], r["study_id"], r["view_position"], r["split"]) for r in read.records} == expected
+    assert {
+        r["image_id"]: (r["patient_id"], r["study_id"], r["view_position"], r["split"]) for r in read.records
+    } == expected
     assert read.dropped == {"report_missing": [
         f"5e54fc9c-37c49834 ({reports / 'p10/p10001217/s58913004.txt'})"]}
     by_id = {r["image_id"]: r for r in read.records}
@@ -165,11 +202,20 @@ def test_mimic_reader_bad_input_names_what_is_expected(tmp_path):
 def test_chexpert_plus_reader_finds_the_png_folder_and_labels(tmp_path):
     folder = make_chexpert_plus(tmp_path)
     read = read_corpus("auto", folder)
-    assert read.layout == "chexpert-plus" and [r["image_id"] for r in read.records] == [row[0] for row in CHEXPERT_PLUS_ROWS]
+    assert read.layout == "chexpert-plus" and [r["image_id"] for r in read.records] == [
+        row[0] for row in CHEXPERT_PLUS_ROWS
+    ]
     for record, (path, fl, ap, patient, findings, impression, split, _) in zip(read.records, CHEXPERT_PLUS_ROWS):
-        assert record["image_source"] == "PNG/" + path.replace(".jpg", ".png") and (folder / record["image_source"]).is_file()
+        assert (
+            record["image_source"] == "PNG/" + path.replace(".jpg", ".png")
+            and (folder / record["image_source"]).is_file()
+        )
         assert record["view_position"] == ((ap or "FRONTAL") if fl == "Frontal" else "LATERAL")
-        assert (record["patient_id"], record["findings"], record["impression"]) == (patient, findings or None, impression or None)
+        assert (record["patient_id"], record["findings"], record["impression"]) == (
+            patient,
+            findings or None,
+            impression or None,
+        )
         assert record["split"] == {"valid": "validation"}.get(split, split)
         assert record["study_id"] == "/".join(path.split("/")[1:3])
     assert read.records[0]["labels"]["Support Devices"] == 1.0 and read.records[1]["labels"] is None
@@ -214,9 +260,13 @@ def test_iu_csv_reader_on_the_real_openi_files(tmp_path):
 
 
 def test_unknown_layout_and_unmatched_folder(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown layout 'padchest'; expected one of \['chexpert-plus', 'iu-xray', 'mimic-cxr-jpg'\]"):
+    with pytest.raises(
+        ValueError, match=r"Unknown layout 'padchest'; expected one of \['chexpert-plus', 'iu-xray', 'mimic-cxr-jpg'\]"
+    ):
         read_corpus("padchest", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"matches no known layout.*metadata.csv.*df_chexpert_plus_240401.csv.*annotation.json"):
+    with pytest.raises(
+        FileNotFoundError, match=r"matches no known layout.*metadata.csv.*df_chexpert_plus_240401.csv.*annotation.json"
+    ):
         read_corpus("auto", tmp_path)
     with pytest.raises(FileNotFoundError, match="not an IU X-ray folder"):
         read_corpus("iu-xray", tmp_path)

@@ -57,7 +57,11 @@ def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=12, **eleme
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "CR"
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+        "CR",
+    )
     ds.Rows, ds.Columns = pixels.shape[-2:]
     if pixels.ndim == 3:
         ds.NumberOfFrames = pixels.shape[0]
@@ -93,7 +97,9 @@ def pixels12():
 # --- real sample files -------------------------------------------------------------------------------------
 
 
-ALL_SAMPLES = [pytest.param(path, id=path.name[:24], marks=needs_samples) for path in RASTER_SAMPLES] + [decodable(p) for p in DICOM_SAMPLES]
+ALL_SAMPLES = [pytest.param(path, id=path.name[:24], marks=needs_samples) for path in RASTER_SAMPLES] + [
+    decodable(p) for p in DICOM_SAMPLES
+]
 
 
 @pytest.mark.parametrize("path", ALL_SAMPLES)
@@ -221,8 +227,15 @@ def make_truncated_dcm(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
-@pytest.mark.parametrize("make_file", [pytest.param(make_truncated_png, marks=needs_samples), make_random_dcm, make_text_png,
-                                       pytest.param(make_truncated_dcm, marks=needs_samples)])
+@pytest.mark.parametrize(
+    "make_file",
+    [
+        pytest.param(make_truncated_png, marks=needs_samples),
+        make_random_dcm,
+        make_text_png,
+        pytest.param(make_truncated_dcm, marks=needs_samples),
+    ],
+)
 def test_bad_files_raise_image_load_error_naming_the_file(tmp_path, make_file):
     path = make_file(tmp_path)
     with pytest.raises(ImageLoadError, match=re.escape(str(path))) as info:

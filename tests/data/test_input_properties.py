@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llm2clip4cxr.data import load_text_dataset
-from llm2clip4cxr.errors import InputError
 from llm2clip4cxr.data.tables import read_text_lines
+from llm2clip4cxr.errors import InputError
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 BOM = "\ufeff".encode()
@@ -67,7 +67,9 @@ def load_or_input_error(path: Path, *args, **kwargs):
         return None
 
 
-def csv_bytes(rows, header=("uid", "findings", "view"), terminator="\r\n", bom=False, quoting=csv.QUOTE_MINIMAL) -> bytes:
+def csv_bytes(
+    rows, header=("uid", "findings", "view"), terminator="\r\n", bom=False, quoting=csv.QUOTE_MINIMAL
+) -> bytes:
     buffer = io.StringIO(newline="")
     csv.writer(buffer, lineterminator=terminator, quoting=quoting).writerows([header, *rows])
     return (BOM if bom else b"") + buffer.getvalue().encode("utf-8")

@@ -8,7 +8,6 @@ from llm2clip4cxr.data.sections import parse_report_sections
 from ..shared_data import OPENI_REPORTS as OPENI
 from ..shared_data import needs_openi
 
-
 MIMIC_STYLE = """                                 FINAL REPORT
  EXAMINATION:  CHEST (PA AND LAT)
 
@@ -46,24 +45,33 @@ def test_mimic_style_report_with_wrapped_indented_lines():
     assert sections.preamble is None  # the FINAL REPORT banner is not text
 
 
-@pytest.mark.parametrize("report, findings, impression", [
-    # impression only (a MIMIC portable film): findings stay missing, not copied from the impression
-    (" FINAL REPORT\n INDICATION:  Intubated.\n\n IMPRESSION:  ET tube 4 cm above the carina.", None,
-     "ET tube 4 cm above the carina."),
-    # CONCLUSION and mixed-case headers, header and text on different lines
-    ("Findings:\n  Heart size normal.\n  Lungs clear.\nConclusion:\n  Normal chest.", "Heart size normal. Lungs clear.",
-     "Normal chest."),
-    # one-line report with inline headers
-    ("FINDINGS: Small left effusion. IMPRESSION: Effusion.", "Small left effusion.", "Effusion."),
-    # a header with nothing under it is missing, not an empty string
-    ("FINDINGS:\n\nIMPRESSION:  No change.", None, "No change."),
-    # header-less report: nothing guessed
-    ("The lungs are clear. No effusion.", None, None),
-    # combined section counts as findings only
-    ("FINDINGS AND IMPRESSION:  No acute process.", "No acute process.", None),
-    # a repeated section (addendum) keeps both parts in order
-    ("IMPRESSION: Line in SVC.\nADDENDUM: called.\nIMPRESSION: Tip moved.", None, "Line in SVC. Tip moved."),
-])
+@pytest.mark.parametrize(
+    "report, findings, impression",
+    [
+        # impression only (a MIMIC portable film): findings stay missing, not copied from the impression
+        (
+            " FINAL REPORT\n INDICATION:  Intubated.\n\n IMPRESSION:  ET tube 4 cm above the carina.",
+            None,
+            "ET tube 4 cm above the carina.",
+        ),
+        # CONCLUSION and mixed-case headers, header and text on different lines
+        (
+            "Findings:\n  Heart size normal.\n  Lungs clear.\nConclusion:\n  Normal chest.",
+            "Heart size normal. Lungs clear.",
+            "Normal chest.",
+        ),
+        # one-line report with inline headers
+        ("FINDINGS: Small left effusion. IMPRESSION: Effusion.", "Small left effusion.", "Effusion."),
+        # a header with nothing under it is missing, not an empty string
+        ("FINDINGS:\n\nIMPRESSION:  No change.", None, "No change."),
+        # header-less report: nothing guessed
+        ("The lungs are clear. No effusion.", None, None),
+        # combined section counts as findings only
+        ("FINDINGS AND IMPRESSION:  No acute process.", "No acute process.", None),
+        # a repeated section (addendum) keeps both parts in order
+        ("IMPRESSION: Line in SVC.\nADDENDUM: called.\nIMPRESSION: Tip moved.", None, "Line in SVC. Tip moved."),
+    ],
+)
 def test_section_variants(report, findings, impression):
     sections = parse_report_sections(report)
     assert (sections.findings, sections.impression) == (findings, impression)

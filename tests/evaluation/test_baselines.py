@@ -37,19 +37,30 @@ def test_hf_dual_encoder_matches_clip_features(tiny_clip, report_texts):
     images = [np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8) for i in range(3)]
     with torch.no_grad():
         # One at a time, so padding cannot matter.
-        expected_text = torch.cat([
-            model.get_text_features(**processor(text=[t], truncation=True, max_length=64, return_tensors="pt")).pooler_output for t in texts
-        ])
+        expected_text = torch.cat(
+            [
+                model.get_text_features(
+                    **processor(text=[t], truncation=True, max_length=64, return_tensors="pt")
+                ).pooler_output
+                for t in texts
+            ]
+        )
         expected_image = model.get_image_features(**processor(images=images, return_tensors="pt")).pooler_output
-    np.testing.assert_allclose(encoder.encode_texts(texts), F.normalize(expected_text, dim=-1).numpy(), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(encoder.encode_images(images), F.normalize(expected_image, dim=-1).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        encoder.encode_texts(texts), F.normalize(expected_text, dim=-1).numpy(), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        encoder.encode_images(images), F.normalize(expected_image, dim=-1).numpy(), rtol=1e-4, atol=1e-5
+    )
     assert encoder(texts).dtype == np.float32
 
 
 def test_hf_dual_encoder_refuses_other_models(tmp_path):
     from transformers import LlamaModel
 
-    LlamaModel(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)).save_pretrained(tmp_path)
+    LlamaModel(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+    ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="supports"):
         HFDualEncoder(tmp_path)
 
@@ -60,6 +71,11 @@ def test_load_dual_encoder_picks_hf_for_a_clip_folder(tiny_clip, report_texts, t
     folder, _, _ = tiny_clip
     encoder = load_dual_encoder(folder, batch_size=2)
     assert isinstance(encoder, HFDualEncoder)
-    np.testing.assert_allclose(encoder.encode_texts(report_texts[:2]), HFDualEncoder(folder).encode_texts(report_texts[:2]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        encoder.encode_texts(report_texts[:2]),
+        HFDualEncoder(folder).encode_texts(report_texts[:2]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_dual_encoder(tmp_path / "missing")

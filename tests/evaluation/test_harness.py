@@ -4,8 +4,9 @@ import random
 import numpy as np
 import pytest
 
-from llm2clip4cxr.evaluation.harness import TASKS, run_evaluation, write_results
+from llm2clip4cxr.augment.variants import make_positive
 from llm2clip4cxr.evaluation.baselines import bm25_scorer
+from llm2clip4cxr.evaluation.harness import TASKS, run_evaluation, write_results
 from llm2clip4cxr.evaluation.tasks import (
     Scorer,
     error_discrimination,
@@ -15,7 +16,6 @@ from llm2clip4cxr.evaluation.tasks import (
     score_matrix,
     zero_shot_label_auroc,
 )
-from llm2clip4cxr.augment.variants import make_positive
 
 from .test_tasks import lookup_encoder
 
@@ -30,7 +30,11 @@ def bag_of_words_encoder(texts):
 
 
 def test_paraphrase_retrieval_with_exact_ranks():
-    reports = {"a": "No pleural effusion. Heart size normal.", "b": "Cardiomegaly.", "c": "No pneumothorax. Lungs clear."}
+    reports = {
+        "a": "No pleural effusion. Heart size normal.",
+        "b": "Cardiomegaly.",
+        "c": "No pneumothorax. Lungs clear.",
+    }
     queries = {uid: make_positive(text, random.Random(f"7:{uid}")) for uid, text in reports.items()}
     # "Cardiomegaly." has one sentence and no abbreviation: no paraphrase, so no query (still in the corpus).
     assert queries["b"] is None and queries["a"] and queries["c"]
@@ -87,26 +91,38 @@ def test_bm25_is_a_scorer_and_ranks_lexical_matches_first():
     corpus = ["small left pleural effusion", "no pneumothorax", "large right effusion", "heart size normal"]
     scores = score_matrix(bm25, ["pleural effusion", "pneumothorax", "zzz", ""], corpus)
     assert scores.shape == (4, 4)
-    assert scores[0].argmax() == 0 and scores[0, 2] > 0 == scores[0, 1]  # "effusion" also in doc 2, rarer "pleural" wins
+    assert (
+        scores[0].argmax() == 0 and scores[0, 2] > 0 == scores[0, 1]
+    )  # "effusion" also in doc 2, rarer "pleural" wins
     assert scores[1].argmax() == 1
     assert not scores[2:].any()  # unknown words and empty queries score 0
     studies = [{"uid": str(i), "findings": text, "impression": text} for i, text in enumerate(corpus)]
     assert findings_to_impression_retrieval(bm25, studies)["recall@1"] == 1.0
     # Scorer path of error discrimination: the positive shares more words with the anchor.
-    triplet = {"anchor": "small left effusion", "positive": "small left pleural effusion", "negative": "large right pneumothorax"}
+    triplet = {
+        "anchor": "small left effusion",
+        "positive": "small left pleural effusion",
+        "negative": "large right pneumothorax",
+    }
     assert error_discrimination(bm25, [triplet])["accuracy"] == 1.0
 
 
 ROWS = [
     {"uid": str(i), "findings": findings, "impression": impression, "Problems": problems}
-    for i, (findings, impression, problems) in enumerate([
-        ("Small left pleural effusion. Heart size normal.", "Left effusion.", "Pleural Effusion"),
-        ("The heart is enlarged. No pneumothorax.", "Cardiomegaly.", "Cardiomegaly"),
-        ("Lungs are clear. No effusion.", "No acute disease.", "normal"),
-        ("Large right pleural effusion. Mild cardiomegaly.", "Right effusion, cardiomegaly.", "Pleural Effusion;Cardiomegaly"),
-        ("No focal consolidation. No pneumothorax.", "No acute disease.", "normal"),
-        ("Right upper lobe opacity. No pleural effusion.", "Pneumonia.", "Opacity"),
-    ])
+    for i, (findings, impression, problems) in enumerate(
+        [
+            ("Small left pleural effusion. Heart size normal.", "Left effusion.", "Pleural Effusion"),
+            ("The heart is enlarged. No pneumothorax.", "Cardiomegaly.", "Cardiomegaly"),
+            ("Lungs are clear. No effusion.", "No acute disease.", "normal"),
+            (
+                "Large right pleural effusion. Mild cardiomegaly.",
+                "Right effusion, cardiomegaly.",
+                "Pleural Effusion;Cardiomegaly",
+            ),
+            ("No focal consolidation. No pneumothorax.", "No acute disease.", "normal"),
+            ("Right upper lobe opacity. No pleural effusion.", "Pneumonia.", "Opacity"),
+        ]
+    )
 ]
 
 
@@ -116,7 +132,10 @@ def test_harness_writes_three_files_deterministically(tmp_path):
     again = run_evaluation(models, ROWS, seed=3)
     assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
     assert set(first["models"]["bm25"]) == set(TASKS)
-    assert "embedding_spread" in first["models"]["bow"] and "mean_pairwise_cosine" in first["models"]["bow"]["embedding_spread"]
+    assert (
+        "embedding_spread" in first["models"]["bow"]
+        and "mean_pairwise_cosine" in first["models"]["bow"]["embedding_spread"]
+    )
     assert "mean_pairwise_cosine" not in first["models"]["bm25"]["embedding_spread"]  # BM25 has no embedding space
     families = first["variant_families"]
     assert not set(families["evaluation"]["positive"]) & set(families["training_families_not_used_here"])
@@ -127,7 +146,11 @@ def test_harness_writes_three_files_deterministically(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert json.loads(paths["results.json"].read_text()) == json.loads(json.dumps(first))
     table = paths["results.md"].read_text().splitlines()
-    assert table[0].startswith("| model | F→I R@1") and table[2].startswith("| bow | ") and table[3].startswith("| bm25 | ")
+    assert (
+        table[0].startswith("| model | F→I R@1")
+        and table[2].startswith("| bow | ")
+        and table[3].startswith("| bm25 | ")
+    )
     assert paths["recall.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "a").glob(".*.tmp"))  # temp files were renamed away
 
@@ -238,5 +261,7 @@ def test_evaluate_module_loads_offline_and_equals_the_harness():
     for key in ("recall@1", "recall@5", "recall@10", "mrr"):
         assert computed[key] == pytest.approx(expected[key])
     truncated = {q: ranked[:10] for q, ranked in zip(query_ids, rankings)}
-    computed_top10 = metric.compute(predictions=list(truncated.values()), references=[sorted(relevant[q]) for q in query_ids])
+    computed_top10 = metric.compute(
+        predictions=list(truncated.values()), references=[sorted(relevant[q]) for q in query_ids]
+    )
     assert computed_top10["recall@10"] == pytest.approx(ranking_metrics(truncated, relevant)["recall@10"])

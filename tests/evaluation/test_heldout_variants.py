@@ -5,6 +5,13 @@ import random
 
 import pytest
 
+from llm2clip4cxr.augment.variants import (
+    CHANGE_STATUS_SWAPS,
+    NEGATIVE_GENERATORS,
+    POSITIVE_GENERATORS,
+    SEVERITY_SWAPS,
+    load_abbreviations,
+)
 from llm2clip4cxr.data import read_reports_csv
 from llm2clip4cxr.evaluation.heldout_variants import (
     HELDOUT_ABBREVIATIONS,
@@ -23,13 +30,6 @@ from llm2clip4cxr.evaluation.heldout_variants import (
     make_heldout_positive,
     restructure_sentences,
     synonym_rewording,
-)
-from llm2clip4cxr.augment.variants import (
-    CHANGE_STATUS_SWAPS,
-    NEGATIVE_GENERATORS,
-    POSITIVE_GENERATORS,
-    SEVERITY_SWAPS,
-    load_abbreviations,
 )
 
 from ..shared_data import OPENI_REPORTS, needs_openi

@@ -104,14 +104,24 @@ def test_ranking_metrics_agree_with_score_matrix_without_ties():
     scores = rng.standard_normal((20, 30))  # continuous scores: no ties
     query_ids = [f"q{i}" for i in range(20)]
     corpus_ids = [f"c{j}" for j in range(30)]
-    relevant = {q: {corpus_ids[j] for j in rng.choice(30, size=1 + i % 3, replace=False)} for i, q in enumerate(query_ids)}
+    relevant = {
+        q: {corpus_ids[j] for j in rng.choice(30, size=1 + i % 3, replace=False)} for i, q in enumerate(query_ids)
+    }
     rankings = {q: [corpus_ids[j] for j in np.argsort(-scores[i])] for i, q in enumerate(query_ids)}
-    assert ranking_metrics(rankings, relevant) == pytest.approx(retrieval_metrics(scores, query_ids, corpus_ids, relevant))
+    assert ranking_metrics(rankings, relevant) == pytest.approx(
+        retrieval_metrics(scores, query_ids, corpus_ids, relevant)
+    )
 
 
 def test_metrics_from_ranks():
     assert metrics_from_ranks([1, 3, 10, 2], ks=(1, 3)) == pytest.approx(
-        {"recall@1": 0.25, "recall@3": 0.75, "mrr": (1 + 1 / 3 + 1 / 10 + 1 / 2) / 4, "mean_rank": 4.0, "median_rank": 2.5}
+        {
+            "recall@1": 0.25,
+            "recall@3": 0.75,
+            "mrr": (1 + 1 / 3 + 1 / 10 + 1 / 2) / 4,
+            "mean_rank": 4.0,
+            "median_rank": 2.5,
+        }
     )
     with pytest.raises(ValueError, match="1-based"):
         metrics_from_ranks([0, 1])
@@ -145,7 +155,9 @@ def test_duplicate_rule_none():
     resolution = relevant_with_duplicates(None, CORPUS_TEXTS, IMAGE_RELEVANT, "none")
     assert resolution.corpus_ids == CORPUS and resolution.relevant == IMAGE_RELEVANT
     # i0 -> c0 (0.5): c1, c2 beat it -> 3; i1 -> 1; i2 -> c2 (0.6): c0 beats it -> 2; i3 -> c3 (0.6): c1 -> 2
-    metrics = retrieval_metrics(resolution.select(IMAGE_SCORES), IMAGES, resolution.corpus_ids, resolution.relevant, ks=(1,))
+    metrics = retrieval_metrics(
+        resolution.select(IMAGE_SCORES), IMAGES, resolution.corpus_ids, resolution.relevant, ks=(1,)
+    )
     assert metrics == pytest.approx(
         {"recall@1": 0.25, "mrr": (1 / 3 + 1 + 1 / 2 + 1 / 2) / 4, "mean_rank": 2.0, "median_rank": 2.0}
     )
@@ -156,8 +168,12 @@ def test_duplicate_rule_count_as_relevant():
     assert resolution.corpus_ids == CORPUS
     assert resolution.relevant == {"i0": {"c0", "c2"}, "i1": {"c1"}, "i2": {"c0", "c2"}, "i3": {"c3"}}
     # i0 and i2 now hit with their 0.9 duplicate -> ranks [1, 1, 1, 2]
-    metrics = retrieval_metrics(resolution.select(IMAGE_SCORES), IMAGES, resolution.corpus_ids, resolution.relevant, ks=(1,))
-    assert metrics == pytest.approx({"recall@1": 0.75, "mrr": (1 + 1 + 1 + 1 / 2) / 4, "mean_rank": 1.25, "median_rank": 1.0})
+    metrics = retrieval_metrics(
+        resolution.select(IMAGE_SCORES), IMAGES, resolution.corpus_ids, resolution.relevant, ks=(1,)
+    )
+    assert metrics == pytest.approx(
+        {"recall@1": 0.75, "mrr": (1 + 1 + 1 + 1 / 2) / 4, "mean_rank": 1.25, "median_rank": 1.0}
+    )
 
 
 def test_duplicate_rule_collapse():
@@ -167,8 +183,12 @@ def test_duplicate_rule_collapse():
     assert resolution.representative == {"c0": "c0", "c1": "c1", "c2": "c0", "c3": "c3"}
     assert resolution.relevant == {"i0": {"c0"}, "i1": {"c1"}, "i2": {"c0"}, "i3": {"c3"}}
     # Columns c0, c1, c3 only. i0: [0.5, 0.6, 0.2] -> 2; i1 -> 1; i2: [0.9, 0.2, 0.3] -> 1; i3: [0.1, 0.7, 0.6] -> 2
-    metrics = retrieval_metrics(resolution.select(IMAGE_SCORES), IMAGES, resolution.corpus_ids, resolution.relevant, ks=(1,))
-    assert metrics == pytest.approx({"recall@1": 0.5, "mrr": (1 / 2 + 1 + 1 + 1 / 2) / 4, "mean_rank": 1.5, "median_rank": 1.5})
+    metrics = retrieval_metrics(
+        resolution.select(IMAGE_SCORES), IMAGES, resolution.corpus_ids, resolution.relevant, ks=(1,)
+    )
+    assert metrics == pytest.approx(
+        {"recall@1": 0.5, "mrr": (1 / 2 + 1 + 1 + 1 / 2) / 4, "mean_rank": 1.5, "median_rank": 1.5}
+    )
 
 
 def test_duplicate_query_texts_share_relevance():

@@ -3,8 +3,8 @@ from sentence_transformers import SentenceTransformer
 
 from llm2clip4cxr.data import read_reports_csv
 from llm2clip4cxr.evaluation.baselines import sentence_transformer_encoder
-from llm2clip4cxr.evaluation.tasks import findings_to_impression_retrieval
 from llm2clip4cxr.evaluation.st_evaluator import findings_to_impression_evaluator
+from llm2clip4cxr.evaluation.tasks import findings_to_impression_retrieval
 
 from ..shared_data import OPENI_REPORTS, needs_openi
 

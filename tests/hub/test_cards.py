@@ -1,4 +1,5 @@
-"""Model cards: rendered from hub_cards/, model-index from the harness's results, checked by huggingface_hub's parser."""
+"""Model cards: rendered from hub_cards/, model-index from the harness's results, checked by huggingface_hub's
+parser."""
 
 import json
 

@@ -55,8 +55,13 @@ def test_load_by_repo_id_from_an_offline_cache(tmp_path):
     expected = model.encode(REPORTS, instruction=instruction)
     runs = {"package": ("1", BY_REPO_ID), "remote_code": ("0", REFUSE_PACKAGE + BY_REPO_ID)}
     processes = {
-        name: subprocess.Popen([sys.executable, "-c", script, REPO_ID, instruction, str(tmp_path / f"{name}.pt"), flag],
-                               env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            [sys.executable, "-c", script, REPO_ID, instruction, str(tmp_path / f"{name}.pt"), flag],
+            env=env,
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name, (flag, script) in runs.items()
     }
     for name, process in processes.items():

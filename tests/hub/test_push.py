@@ -64,9 +64,13 @@ def test_dry_run_on_the_shipped_default_prints_files_and_card_without_network(mo
     assert "load checks: remote_code ok, package ok, sentence_transformers ok" in out
     card = ModelCard(out.split("--- README.md ---\n", 1)[1].rsplit("\ndry run:", 1)[0])
     assert card.data.model_name == "LLM2Vec4CXR-tiny (default)"
-    recall = {r.metric_type: r.metric_value for r in card.data.eval_results if r.dataset_config == "findings_to_impression"}
+    recall = {
+        r.metric_type: r.metric_value for r in card.data.eval_results if r.dataset_config == "findings_to_impression"
+    }
     shipped = json.loads((default_model_path("text") / "results.json").read_text())
-    assert recall["recall@1"] == round(shipped["results"]["LLM2Vec4CXR-tiny (default)"]["findings_to_impression"]["recall@1"], 4)
+    assert recall["recall@1"] == round(
+        shipped["results"]["LLM2Vec4CXR-tiny (default)"]["findings_to_impression"]["recall@1"], 4
+    )
     assert 'AutoModel.from_pretrained("me/llm2vec4cxr-tiny")' in card.text
 
 
@@ -78,8 +82,12 @@ def test_push_commits_exactly_the_checked_files_and_card(tiny_checkpoint, api, c
                        token=SECRET, verify=False)
     assert api[0] == {"token": SECRET}  # handed to huggingface_hub, nowhere else
     instance = api[1]
-    instance.create_repo.assert_called_once_with("org/llm2vec4cxr-test", repo_type="model", private=True, exist_ok=True)
-    instance.create_branch.assert_called_once_with("org/llm2vec4cxr-test", repo_type="model", branch="v1", exist_ok=True)
+    instance.create_repo.assert_called_once_with(
+        "org/llm2vec4cxr-test", repo_type="model", private=True, exist_ok=True
+    )
+    instance.create_branch.assert_called_once_with(
+        "org/llm2vec4cxr-test", repo_type="model", branch="v1", exist_ok=True
+    )
     kwargs = instance.create_commit.call_args.kwargs
     assert kwargs == {"commit_message": "first", "repo_type": "model", "revision": "v1", "create_pr": False}
     files = committed(api)
@@ -169,8 +177,12 @@ def test_lora_adapter_is_pushed_with_its_base_model_or_merged(make_encoder, tmp_
     merged = merge_adapter(tmp_path / "adapter", tmp_path / "merged")
     from llm2clip4cxr import LLM2Vec4CXRModel
 
-    torch.testing.assert_close(LLM2Vec4CXRModel.from_pretrained(merged).encode(texts, instruction=INSTRUCTION), expected)
-    plan = push_to_hub(tmp_path / "adapter", "org/merged", base_model="org/base", merge=True, dry_run=True, verify=False)
+    torch.testing.assert_close(
+        LLM2Vec4CXRModel.from_pretrained(merged).encode(texts, instruction=INSTRUCTION), expected
+    )
+    plan = push_to_hub(
+        tmp_path / "adapter", "org/merged", base_model="org/base", merge=True, dry_run=True, verify=False
+    )
     assert plan.kind == "text" and "adapter_config.json" not in plan.files and "model.safetensors" in plan.files
     assert plan.card.data.base_model == "org/base" and plan.card.data.library_name == "transformers"
     shutil.rmtree(tmp_path / "merged")

@@ -28,7 +28,9 @@ def test_causal_variant_is_persisted(tmp_path):
 
 
 def test_accepts_config_object_and_alias():
-    config = LLM2Vec4CXRConfig(backbone_config=LlamaConfig(hidden_size=32, num_attention_heads=4), pooling_mode="last_token")
+    config = LLM2Vec4CXRConfig(
+        backbone_config=LlamaConfig(hidden_size=32, num_attention_heads=4), pooling_mode="last_token"
+    )
     assert config.pooling_mode == "eos"
     assert config.hidden_size == 32
 
@@ -41,7 +43,11 @@ def test_accepts_config_object_and_alias():
         ({"backbone_config": {"model_type": "bert"}}, ValueError, r"Unsupported backbone `model_type` 'bert'"),
         ({"backbone_config": {"hidden_size": 64}}, ValueError, r"must name its `model_type`"),
         ({"backbone_config": "llama"}, TypeError, r"`backbone_config` must be"),
-        ({"pooling_mode": "latent_attention", "latent_attention_heads": 5}, ValueError, r"must divide the backbone hidden size"),
+        (
+            {"pooling_mode": "latent_attention", "latent_attention_heads": 5},
+            ValueError,
+            r"must divide the backbone hidden size",
+        ),
         ({"instruction_separator": "  "}, ValueError, r"`instruction_separator` must be a non-blank string"),
         ({"max_seq_length": 1}, ValueError, r"`max_seq_length` must be at least 2"),
     ],

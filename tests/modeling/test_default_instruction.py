@@ -40,7 +40,9 @@ def test_a_text_carrying_its_own_instruction_keeps_it(instructed, report_texts):
     model, _ = instructed
     separator = model.config.instruction_separator
     own = model.encode([f"Find reports with a pleural effusion{separator}{report_texts[0]}"])
-    torch.testing.assert_close(own, model.encode([report_texts[0]], instruction="Find reports with a pleural effusion"))
+    torch.testing.assert_close(
+        own, model.encode([report_texts[0]], instruction="Find reports with a pleural effusion")
+    )
 
 
 def test_saved_config_and_sentence_transformers_default_prompt(instructed, report_texts):

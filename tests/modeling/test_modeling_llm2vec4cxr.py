@@ -27,7 +27,9 @@ def test_tokens_see_later_tokens(make_encoder, family, attn_implementation):
     changed = ids.clone()
     changed[0, -1] = 99
     with torch.no_grad():
-        bidirectional_delta = (_first_token_state(bidirectional, ids) - _first_token_state(bidirectional, changed)).abs().max()
+        bidirectional_delta = (
+            (_first_token_state(bidirectional, ids) - _first_token_state(bidirectional, changed)).abs().max()
+        )
         causal_delta = (_first_token_state(causal, ids) - _first_token_state(causal, changed)).abs().max()
     assert bidirectional_delta > 1e-4
     assert causal_delta < 1e-6  # the same check on a causal model cannot see the change
@@ -236,7 +238,10 @@ def test_wrong_hidden_size_raises_naming_keys(make_encoder, tmp_path):
         config["backbone_config"].update(hidden_size=128, head_dim=32)
 
     _edit_config(tmp_path, widen)
-    with pytest.raises(CheckpointMismatchError, match=r"mismatched_keys: model\.embed_tokens\.weight \(checkpoint \(\d+, 64\) vs model \(\d+, 128\)\)"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"mismatched_keys: model\.embed_tokens\.weight \(checkpoint \(\d+, 64\) vs model \(\d+, 128\)\)",
+    ):
         LLM2Vec4CXRModel.from_pretrained(tmp_path)
 
 

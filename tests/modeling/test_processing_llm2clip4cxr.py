@@ -81,7 +81,11 @@ def test_processor_round_trip(tokenizer, report_texts, tmp_path):
     assert type(loaded) is LLM2CLIP4CXRProcessor and type(loaded.image_processor) is LLM2CLIP4CXRImageProcessor
     assert type(AutoImageProcessor.from_pretrained(tmp_path)) is LLM2CLIP4CXRImageProcessor
     assert loaded.image_processor.pad_value == 0.25 and loaded.image_processor.resample == 2
-    inputs = {"text": report_texts[:3], "images": [np.random.default_rng(0).random((60, 40))], "instruction": INSTRUCTION}
+    inputs = {
+        "text": report_texts[:3],
+        "images": [np.random.default_rng(0).random((60, 40))],
+        "instruction": INSTRUCTION,
+    }
     with pytest.warns(UserWarning, match=r"3 of 3 reports exceeded max_seq_length=64"):  # the setting survived
         expected, actual = processor(**inputs), loaded(**inputs)
     assert actual.keys() == expected.keys() and actual["pixel_values"].shape == (1, 3, 48, 48)
@@ -96,7 +100,9 @@ def test_processor_default_instruction_survives_a_round_trip_and_empty_means_non
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert loaded.default_instruction == INSTRUCTION
     texts = report_texts[:2]
-    torch.testing.assert_close(loaded(text=texts)["input_ids"], processor(text=texts, instruction=INSTRUCTION)["input_ids"])
+    torch.testing.assert_close(
+        loaded(text=texts)["input_ids"], processor(text=texts, instruction=INSTRUCTION)["input_ids"]
+    )
     without = loaded(text=texts, instruction="")
     assert without["input_ids"].shape[1] < loaded(text=texts)["input_ids"].shape[1]
     # No instruction: every token but the leading <s> is pooled.
@@ -176,11 +182,31 @@ def test_image_preprocessor_delegates_to_the_image_processor():
     ("images", "error", "match"),
     [
         (np.zeros(5), ValueError, r"images\[0\] must have shape \(H, W\) or \(H, W, C\) with C = 1 or 3, got \(5,\)"),
-        ([torch.zeros(4, 4), torch.zeros(1, 2, 4, 4)], ValueError, r"images\[1\] must have shape \(H, W\) or \(C, H, W\)"),
-        (np.zeros((8, 8, 4), np.uint8), ValueError, r"images\[0\] must have 1 \(gray\) or 3 \(RGB\) channels, got shape \(8, 8, 4\)"),
-        (np.full((4, 4), 255.0), ValueError, r"images\[0\] has values in \[255, 255\]: floating-point images must be intensities on \[0, 1\]"),
-        (np.full((4, 4), 4095, np.uint16), ValueError, r"integer pixels times rescale_factor=0.00392157 leave \[0, 1\]"),
-        (np.zeros((4, 4), bool), TypeError, r"images\[0\] must have an integer or floating-point dtype, got torch.bool"),
+        (
+            [torch.zeros(4, 4), torch.zeros(1, 2, 4, 4)],
+            ValueError,
+            r"images\[1\] must have shape \(H, W\) or \(C, H, W\)",
+        ),
+        (
+            np.zeros((8, 8, 4), np.uint8),
+            ValueError,
+            r"images\[0\] must have 1 \(gray\) or 3 \(RGB\) channels, got shape \(8, 8, 4\)",
+        ),
+        (
+            np.full((4, 4), 255.0),
+            ValueError,
+            r"images\[0\] has values in \[255, 255\]: floating-point images must be intensities on \[0, 1\]",
+        ),
+        (
+            np.full((4, 4), 4095, np.uint16),
+            ValueError,
+            r"integer pixels times rescale_factor=0.00392157 leave \[0, 1\]",
+        ),
+        (
+            np.zeros((4, 4), bool),
+            TypeError,
+            r"images\[0\] must have an integer or floating-point dtype, got torch.bool",
+        ),
         ([3], TypeError, r"images\[0\] must be a PIL image, a numpy array or a torch tensor, got int"),
         ([], ValueError, r"`images` is empty"),
     ],

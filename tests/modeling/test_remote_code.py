@@ -18,7 +18,20 @@ from llm2clip4cxr import LLM2Vec4CXRModel
 from ..conftest import INSTRUCTION
 
 MODELING_DIR = Path(llm2clip4cxr.modeling.__file__).parent
-ALLOWED_IMPORTS = {"torch", "transformers", "json", "os", "math", "warnings", "collections", "dataclasses", "typing", "concurrent", "pathlib", "shutil"}  # stdlib, torch, transformers
+ALLOWED_IMPORTS = {
+    "torch",
+    "transformers",
+    "json",
+    "os",
+    "math",
+    "warnings",
+    "collections",
+    "dataclasses",
+    "typing",
+    "concurrent",
+    "pathlib",
+    "shutil",
+}  # stdlib, torch, transformers
 
 # Start of every fresh-process script: importing llm2clip4cxr fails, so the checkpoint's own code must do.
 REFUSE_PACKAGE = r"""
@@ -58,8 +71,18 @@ def test_fresh_process_without_package_reproduces_embeddings(make_encoder, repor
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(checkpoint), str(tmp_path / "texts.json"), str(tmp_path / "out.pt"), INSTRUCTION],
-        check=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-c",
+            FRESH_PROCESS,
+            str(checkpoint),
+            str(tmp_path / "texts.json"),
+            str(tmp_path / "out.pt"),
+            INSTRUCTION,
+        ],
+        check=True,
+        env=env,
+        cwd=tmp_path,
     )
     result = torch.load(tmp_path / "out.pt")
     assert result["class_module"].startswith("transformers_modules.")
@@ -109,8 +132,12 @@ def test_sentence_transformers_layout(make_encoder, report_texts, tmp_path):
     torch.testing.assert_close(by_name, expected, rtol=0, atol=0)
     assert st.get_embedding_dimension() == model.config.hidden_size
     similarity = st.similarity(by_name, by_name)
-    torch.testing.assert_close(similarity, torch.nn.functional.cosine_similarity(expected[:, None], expected[None], dim=-1))
+    torch.testing.assert_close(
+        similarity, torch.nn.functional.cosine_similarity(expected[:, None], expected[None], dim=-1)
+    )
     # Saved again through sentence-transformers, it still loads and gives the same vectors.
     st.save(str(tmp_path / "resaved"))
     reloaded = SentenceTransformer(str(tmp_path / "resaved"), trust_remote_code=True)
-    torch.testing.assert_close(reloaded.encode(report_texts[:4], prompt_name="findings", convert_to_tensor=True), expected)
+    torch.testing.assert_close(
+        reloaded.encode(report_texts[:4], prompt_name="findings", convert_to_tensor=True), expected
+    )

@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,9 @@ DIM = 8
 
 def fake_encode(texts):
     """A deterministic text -> vector map (a hash of each text), standing in for a model."""
-    return np.stack([np.random.default_rng(sum(text.encode())).standard_normal(DIM) for text in texts]).astype(np.float32)
+    return np.stack([np.random.default_rng(sum(text.encode())).standard_normal(DIM) for text in texts]).astype(
+        np.float32
+    )
 
 
 def texts_dataset(count=23):

@@ -23,7 +23,9 @@ def corpus():
     rng = np.random.default_rng(0)
     vectors = unit(rng.standard_normal((5000, DIM)))
     ids = [f"doc{i}" for i in range(len(vectors))]
-    queries = unit(vectors[rng.choice(len(vectors), 200, replace=False)] + 0.3 * rng.standard_normal((200, DIM)) / np.sqrt(DIM))
+    queries = unit(
+        vectors[rng.choice(len(vectors), 200, replace=False)] + 0.3 * rng.standard_normal((200, DIM)) / np.sqrt(DIM)
+    )
     exact = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :10]
     return vectors, ids, queries, exact
 
@@ -75,7 +77,9 @@ def test_pq_recall_rises_with_k_factor_and_its_scores_are_exact(corpus):
     high = recall_at_10(positions, exact)
     assert low < 0.9 and high >= 0.97, (low, high)
     # The candidates are re-ranked on the float vectors: the scores are the true inner products.
-    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, positions, axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        scores, np.take_along_axis(queries @ vectors.T, positions, axis=1), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_pq_needs_enough_training_vectors_and_a_dividing_pq_m(corpus):
@@ -118,7 +122,11 @@ def test_save_is_atomic_and_replaces_previous_files(corpus, tmp_path):
     # One generation folder each, swapped by index_config.json; the old one is gone, no temp file is left.
     assert len(first) == len(second) == 3 and set(first) & set(second) == {".lock", "index_config.json"}
     generation = next(name for name in second if name.startswith("generation-"))
-    assert sorted(path.name for path in (tmp_path / generation).iterdir()) == ["index.faiss", "metadata.jsonl", "vectors.npy"]
+    assert sorted(path.name for path in (tmp_path / generation).iterdir()) == [
+        "index.faiss",
+        "metadata.jsonl",
+        "vectors.npy",
+    ]
     assert len(EmbeddingIndex.load(tmp_path)) == 20
 
     config = json.loads((tmp_path / "index_config.json").read_text())

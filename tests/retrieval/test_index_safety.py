@@ -34,7 +34,9 @@ def make_index(seed: int, size: int, kind: str = "flat", info=None) -> tuple[Emb
     rng = np.random.default_rng(seed)
     index = EmbeddingIndex(DIM, kind=kind, nlist=4)
     ids = [f"s{seed}-{i}" for i in range(size)]
-    index.add(rng.standard_normal((size, DIM)).astype(np.float32), ids, [{"row": i, "seed": seed} for i in range(size)])
+    index.add(
+        rng.standard_normal((size, DIM)).astype(np.float32), ids, [{"row": i, "seed": seed} for i in range(size)]
+    )
     return index, {"ids": ids, "info": info or {}, "vectors": np.asarray(index.get_vectors()).copy()}
 
 
@@ -210,8 +212,12 @@ def test_without_hash_checks_a_metadata_line_without_id_is_named(tmp_path):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(), lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
     max_leaves=6,
 )
 

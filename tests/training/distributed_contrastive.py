@@ -16,7 +16,8 @@ from llm2clip4cxr.training.text import contrastive_loss, sentence_transformer_fo
 def main(model_dir, rows_file, out_file):
     accelerator = Accelerator(cpu=True)
     encoder = LLM2Vec4CXRModel.from_pretrained(model_dir).train()
-    rows = json.load(open(rows_file))
+    with open(rows_file) as handle:
+        rows = json.load(handle)
     per_rank = len(rows) // accelerator.num_processes
     local = rows[accelerator.process_index * per_rank : (accelerator.process_index + 1) * per_rank]
     st_model = sentence_transformer_for(encoder)

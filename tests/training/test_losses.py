@@ -144,7 +144,9 @@ def test_two_rank_loss_and_gradients_equal_single_process(distributed_results):
     assert len(keys) > 2
     for rank, results in enumerate(distributed_results):
         for key in keys:
-            torch.testing.assert_close(results[True][key], single[key], atol=ATOL, rtol=RTOL, msg=f"rank {rank}: {key}")
+            torch.testing.assert_close(
+                results[True][key], single[key], atol=ATOL, rtol=RTOL, msg=f"rank {rank}: {key}"
+            )
 
 
 def test_gather_without_grad_keeps_the_loss_but_drops_cross_rank_gradients(distributed_results):

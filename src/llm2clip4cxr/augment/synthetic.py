@@ -326,7 +326,9 @@ def _realize_device(statement: Statement, rng: random.Random) -> str:
     if statement.tip is None:
         if statement.change is not None:
             return _capitalize(subject) + "."
-        return _capitalize(rng.choice((f"{subject} in place.", f"{subject} is in place.", f"{subject} remains in place.")))
+        return _capitalize(
+            rng.choice((f"{subject} in place.", f"{subject} is in place.", f"{subject} remains in place."))
+        )
     where = rng.choice(TIP_POSITIONS[statement.tip])
     verbs = (f"{subject} terminates {where}.", f"{subject} ends {where}.", f"The tip of {subject} is {where}.") \
         if subject.startswith(("the ", "a ", "an ")) else (f"{subject} with its tip {where}.",)
@@ -403,7 +405,16 @@ def sample_state(rng: random.Random) -> list[Statement]:
         state.append(statement)
     if rng.random() < 0.45:
         state.append(_random_device(rng))
-    commonly_absent = ["effusion", "pneumothorax", "consolidation", "edema", "cardiomegaly", "infiltrate", "mass", "hilar"]
+    commonly_absent = [
+        "effusion",
+        "pneumothorax",
+        "consolidation",
+        "edema",
+        "cardiomegaly",
+        "infiltrate",
+        "mass",
+        "hilar",
+    ]
     for name in rng.sample(commonly_absent, rng.randint(1, 3)):
         if name not in used:
             used.add(name)
@@ -434,12 +445,16 @@ def _mutations(statement: Statement, rng: random.Random, lungs_clear: bool) -> l
             elif finding.sided and statement.side == "bilateral":
                 out.append(("laterality", replace(statement, side=rng.choice(("left", "right")))))
             if statement.grade in ("small", "mild"):
-                out.append(("severity_size", replace(statement, grade="large" if finding.scale == "size" else "severe")))
+                out.append(
+                    ("severity_size", replace(statement, grade="large" if finding.scale == "size" else "severe"))
+                )
             elif statement.grade in ("large", "severe", "moderate"):
                 out.append(("severity_size", replace(statement, grade="small" if finding.scale == "size" else "mild")))
             if statement.measure_mm is not None:
                 factor = 3.0 if statement.measure_mm < 12 else 1 / 3
-                out.append(("severity_size", replace(statement, measure_mm=float(round(statement.measure_mm * factor)))))
+                out.append(
+                    ("severity_size", replace(statement, measure_mm=float(round(statement.measure_mm * factor))))
+                )
             if statement.change in OPPOSITE_CHANGE:
                 out.append(("change_over_time", replace(statement, change=OPPOSITE_CHANGE[statement.change])))
         else:

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-import json
 import random
 import re
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -341,10 +339,59 @@ def shuffle_sentences(report: str, rng: RandomLike = None) -> str | None:
 # Non-clinical sentences, each rule judging a whole sentence, so a clinical sentence that merely
 # mentions a prior study ("Stable compared to prior.") or a finding is never dropped.
 _COMPARISON_WORDS = frozenset(
-    """no none comparison comparisons compare compared available xxxx chest x-xxxx x-ray xray radiograph
-    radiographs study studies exam exams examination examinations film films image images imaging prior
-    previous old outside is are was were with to from the for of at this time dated date made there
-    however direct evaluate assess stability""".split()
+    [
+        "no",
+        "none",
+        "comparison",
+        "comparisons",
+        "compare",
+        "compared",
+        "available",
+        "xxxx",
+        "chest",
+        "x-xxxx",
+        "x-ray",
+        "xray",
+        "radiograph",
+        "radiographs",
+        "study",
+        "studies",
+        "exam",
+        "exams",
+        "examination",
+        "examinations",
+        "film",
+        "films",
+        "image",
+        "images",
+        "imaging",
+        "prior",
+        "previous",
+        "old",
+        "outside",
+        "is",
+        "are",
+        "was",
+        "were",
+        "with",
+        "to",
+        "from",
+        "the",
+        "for",
+        "of",
+        "at",
+        "this",
+        "time",
+        "dated",
+        "date",
+        "made",
+        "there",
+        "however",
+        "direct",
+        "evaluate",
+        "assess",
+        "stability",
+    ]
 )
 _COMMUNICATION_VERB = re.compile(
     r"\b(?:discussed|notified|notification|notify|communicated|called|paged|telephoned|veriphy|primordial)\b",
@@ -641,7 +688,9 @@ _MODIFIER_WORDS = (
     r"a|an|small|large|mild|moderate|severe|minimal|tiny|trace|slight|marked|extensive|massive|stable|persistent"
     r"|new|unchanged|again|mildly|moderately|markedly|severely|slightly|minimally"
 )
-_LEADING_MODIFIERS = re.compile(rf"^(?:(?:{_MODIFIER_WORDS})(?:\s*-\s*to\s*-\s*|\s+to\s+|\s*-\s*|\s+))+", re.IGNORECASE)
+_LEADING_MODIFIERS = re.compile(
+    rf"^(?:(?:{_MODIFIER_WORDS})(?:\s*-\s*to\s*-\s*|\s+to\s+|\s*-\s*|\s+))+", re.IGNORECASE
+)
 _NOT_A_NOUN_PHRASE = re.compile(
     r"^(?:the|there|this|these|that|those|it|its|they)\b|\b(?:is|are|was|were|has|have|had|appears?|may|might"
     r"|could|can|would|should|will|recommend\w*|suggest\w*|represents?|consistent|compatible|likely|possibl\w*"

@@ -24,7 +24,9 @@ def register(commands) -> None:
         "--pooling-mode", choices=("mean", "eos", "weighted_mean", "latent_attention"),
         help="pooling the weights were trained with; required when the folder has no latent_attn.* weights",
     )
-    text.add_argument("--latent-attention-heads", type=int, default=8, help="heads of the latent attention (8 when published)")
+    text.add_argument(
+        "--latent-attention-heads", type=int, default=8, help="heads of the latent attention (8 when published)"
+    )
     text.add_argument("--max-seq-length", type=int, default=512, help="longest tokenized input (512 when published)")
     text.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     text.set_defaults(handler=run_llm2vec4cxr)
@@ -40,9 +42,13 @@ def register(commands) -> None:
     clip.add_argument("state_dict", help="the published .bin/.pt state dict (or .safetensors)")
     clip.add_argument("destination", help="output folder (must not exist)")
     clip.add_argument("--text-model", required=True, help="the converted LLM2Vec4CXR folder (convert llm2vec4cxr)")
-    clip.add_argument("--adapter-name", default="llm2clip", help="LoRA adapter to merge into the text tower (llm2clip)")
+    clip.add_argument(
+        "--adapter-name", default="llm2clip", help="LoRA adapter to merge into the text tower (llm2clip)"
+    )
     clip.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha of training (32 when published)")
-    clip.add_argument("--vision-head-dim", type=int, default=64, help="vision head size when the state dict has no rotary tables")
+    clip.add_argument(
+        "--vision-head-dim", type=int, default=64, help="vision head size when the state dict has no rotary tables"
+    )
     clip.add_argument("--rope-pretrain-grid", type=int, default=16, help="patch grid of the rotary pretraining (16)")
     clip.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     clip.set_defaults(handler=run_llm2clip4cxr)

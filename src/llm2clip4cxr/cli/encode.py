@@ -28,7 +28,9 @@ def run(args) -> int:
     if output.suffix not in EMBEDDING_SUFFIXES:
         raise ValueError(f"--output {output}: the suffix must be one of {EMBEDDING_SUFFIXES}, got {output.suffix!r}.")
     work_dir = common.work_dir(args, output)
-    common.refuse_outputs_over_inputs({"--output": output, "--work-dir": work_dir}, {"--csv": args.csv, "--model": args.model})
+    common.refuse_outputs_over_inputs(
+        {"--output": output, "--work-dir": work_dir}, {"--csv": args.csv, "--model": args.model}
+    )
     common.create_parent(output)
     with common.output_lock(args, output):
         dataset = common.input_texts(args)

@@ -16,11 +16,17 @@ def register(commands) -> None:
         "results.md and recall.png into --output-dir. Data format: see llm2clip4cxr.evaluation.tasks.",
         parents=[common.model_options(), common.HYBRID, common.JSON],  # --hybrid adds the model fused with BM25
     )
-    parser.add_argument("--csv", help="report CSV with uid, findings, impression[, Problems] (default: the Open-I reports)")
+    parser.add_argument(
+        "--csv", help="report CSV with uid, findings, impression[, Problems] (default: the Open-I reports)"
+    )
     parser.add_argument("--output-dir", required=True, help="folder for results.json, results.md, recall.png")
     parser.add_argument("--no-model", action="store_true", help="evaluate only the baselines / --st-model models")
-    parser.add_argument("--baseline", nargs="*", choices=("tfidf", "bm25", "minilm"), default=[], help="baselines to add")
-    parser.add_argument("--st-model", action="append", default=[], help="a sentence-transformers model folder (repeatable)")
+    parser.add_argument(
+        "--baseline", nargs="*", choices=("tfidf", "bm25", "minilm"), default=[], help="baselines to add"
+    )
+    parser.add_argument(
+        "--st-model", action="append", default=[], help="a sentence-transformers model folder (repeatable)"
+    )
     parser.add_argument(
         "--clip-baseline", action="append", default=[],
         help="a local transformers CLIP/SigLIP folder or open_clip BiomedCLIP folder (has open_clip_config.json); "
@@ -111,10 +117,14 @@ def _encoders(args, rows: list[dict]) -> dict:
             encoders["all-MiniLM-L6-v2"] = baselines.minilm_encoder(batch_size=args.batch_size)
     for path in args.st_model:
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"--st-model {path}: no such directory (give a saved sentence-transformers model).")
+            raise FileNotFoundError(
+                f"--st-model {path}: no such directory (give a saved sentence-transformers model)."
+            )
         encoders[Path(path).name] = baselines.sentence_transformer_encoder(path, batch_size=args.batch_size)
     for path in args.clip_baseline:  # the text tower of a CLIP/SigLIP or open_clip (BiomedCLIP) folder
         encoders[Path(path).name] = common.quiet(baselines.load_dual_encoder, path, args.batch_size).encode_texts
     if not encoders:
-        raise ValueError("nothing to evaluate: --no-model was given without --baseline, --st-model or --clip-baseline.")
+        raise ValueError(
+            "nothing to evaluate: --no-model was given without --baseline, --st-model or --clip-baseline."
+        )
     return encoders

@@ -10,7 +10,9 @@ from . import common
 
 
 def register(commands) -> None:
-    parser = commands.add_parser("index", help="build or search a FAISS index of reports", description="Report indexes.")
+    parser = commands.add_parser(
+        "index", help="build or search a FAISS index of reports", description="Report indexes."
+    )
     index_commands = parser.add_subparsers(dest="index_command", required=True)
     build = index_commands.add_parser(
         "build", help="index a CSV column",
@@ -21,14 +23,25 @@ def register(commands) -> None:
     )
     build.add_argument("--output", required=True, help="the index folder to write")
     build.add_argument("--kind", choices=INDEX_KINDS, default="flat", help="FAISS index kind (default: flat, exact)")
-    build.add_argument("--metadata-column", action="append", default=[], help="a CSV column to store as metadata (repeatable)")
+    build.add_argument(
+        "--metadata-column", action="append", default=[], help="a CSV column to store as metadata (repeatable)"
+    )
     build.set_defaults(handler=run_build)
 
     search = index_commands.add_parser(
-        "search", help="top-k ids for query texts", description="Search an index folder written by `index build`.",
-        parents=[common.TOP_K, common.HYBRID,
-                 common.model_options(instruction_help="instruction for the queries (default: the one the index was built with)"),
-                 common.TRUST, common.JSON, common.OUTPUT],
+        "search",
+        help="top-k ids for query texts",
+        description="Search an index folder written by `index build`.",
+        parents=[
+            common.TOP_K,
+            common.HYBRID,
+            common.model_options(
+                instruction_help="instruction for the queries (default: the one the index was built with)"
+            ),
+            common.TRUST,
+            common.JSON,
+            common.OUTPUT,
+        ],
     )
     search.add_argument("index", help="the index folder")
     search.add_argument("queries", nargs="+", help="query report texts")
@@ -40,7 +53,9 @@ def run_build(args) -> int:
 
     output = Path(args.output)
     work_dir = common.work_dir(args, output)
-    common.refuse_outputs_over_inputs({"--output": output, "--work-dir": work_dir}, {"--csv": args.csv, "--model": args.model})
+    common.refuse_outputs_over_inputs(
+        {"--output": output, "--work-dir": work_dir}, {"--csv": args.csv, "--model": args.model}
+    )
     if output.exists() and not output.is_dir():
         raise InputError(f"--output {output}: a file, not an index folder; choose a folder path.")
     output.mkdir(parents=True, exist_ok=True)
@@ -94,10 +109,15 @@ def run_search(args) -> int:
         results = index.search_hybrid(query_vectors, queries, k=args.top_k, method=args.fusion)
     else:
         results = index.search(query_vectors, k=args.top_k)
-    payload = {"results": [
-        {"query": query, "hits": [{"id": id_, "score": float(score), "metadata": metadata} for id_, score, metadata in hits]}
-        for query, hits in zip(queries, results)
-    ]}
+    payload = {
+        "results": [
+            {
+                "query": query,
+                "hits": [{"id": id_, "score": float(score), "metadata": metadata} for id_, score, metadata in hits],
+            }
+            for query, hits in zip(queries, results)
+        ]
+    }
     lines = []
     for entry in payload["results"]:
         lines.append(f"query: {entry['query']}")

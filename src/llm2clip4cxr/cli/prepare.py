@@ -19,7 +19,9 @@ def register(commands) -> None:
     parser.add_argument("layout", choices=(*sorted(LAYOUTS), "auto"), help="the corpus layout (auto: detect it)")
     parser.add_argument("source", help="the downloaded dataset folder")
     parser.add_argument("--output", required=True, help="the prepared folder to write (or resume)")
-    parser.add_argument("--reports", help="mimic-cxr-jpg: the MIMIC-CXR reports `files/` folder (default: SOURCE/files)")
+    parser.add_argument(
+        "--reports", help="mimic-cxr-jpg: the MIMIC-CXR reports `files/` folder (default: SOURCE/files)"
+    )
     parser.add_argument("--images", help="chexpert-plus: the folder path_to_image is relative to (default: found)")
     parser.add_argument("--unit", choices=("image", "study"), default="image",
                         help="one row per image (default) or per study with its images in lists")
@@ -28,7 +30,9 @@ def register(commands) -> None:
                         help="drop rows without this report section (any: findings or impression; default)")
     parser.add_argument("--split", choices=("auto", "official", "patient"), default="auto",
                         help="official split, seeded patient-level split, or auto (official where the source has one)")
-    parser.add_argument("--validation-fraction", type=float, default=0.1, help="patient split: share of patients (0.1)")
+    parser.add_argument(
+        "--validation-fraction", type=float, default=0.1, help="patient split: share of patients (0.1)"
+    )
     parser.add_argument("--test-fraction", type=float, default=0.1, help="patient split: share of patients (0.1)")
     parser.add_argument("--seed", type=int, default=0, help="patient split seed (0)")
     parser.add_argument("--image-size", type=int, default=None,

@@ -21,17 +21,33 @@ def register(commands) -> None:
     parser.add_argument("model_dir", help="a folder written by save_pretrained, or a peft adapter folder")
     parser.add_argument("--repo-id", required=True, help="the Hub repository, ORG/NAME (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--revision", help="branch to commit to (created if missing); with --create-pr, the PR's target")
-    parser.add_argument("--commit-message", help="commit message (default: 'Upload <kind> checkpoint with llm2clip4cxr')")
+    parser.add_argument(
+        "--revision", help="branch to commit to (created if missing); with --create-pr, the PR's target"
+    )
+    parser.add_argument(
+        "--commit-message", help="commit message (default: 'Upload <kind> checkpoint with llm2clip4cxr')"
+    )
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     parser.add_argument("--dry-run", action="store_true", help="check and print the files and the card; send nothing")
-    parser.add_argument("--results", help="results.json of `llm2clip4cxr eval` for the model-index (default: MODEL_DIR/results.json)")
+    parser.add_argument(
+        "--results", help="results.json of `llm2clip4cxr eval` for the model-index (default: MODEL_DIR/results.json)"
+    )
     parser.add_argument("--results-model", help="which model of --results this checkpoint is (when it holds several)")
-    parser.add_argument("--model-name", help="name shown on the card (default: the folder's card's, else the repo name)")
-    parser.add_argument("--base-model", help="Hub id of the base model (required for an adapter trained on a local folder)")
-    parser.add_argument("--merge", action="store_true", help="merge a LoRA adapter into its base and push the merged weights")
-    parser.add_argument("--keep-card", action="store_true", help="push the folder's own README.md instead of rendering one")
-    parser.add_argument("--no-verify", action="store_true", help="skip the fresh-process load checks (not recommended)")
+    parser.add_argument(
+        "--model-name", help="name shown on the card (default: the folder's card's, else the repo name)"
+    )
+    parser.add_argument(
+        "--base-model", help="Hub id of the base model (required for an adapter trained on a local folder)"
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="merge a LoRA adapter into its base and push the merged weights"
+    )
+    parser.add_argument(
+        "--keep-card", action="store_true", help="push the folder's own README.md instead of rendering one"
+    )
+    parser.add_argument(
+        "--no-verify", action="store_true", help="skip the fresh-process load checks (not recommended)"
+    )
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="also verify loading through the folder's own Python files (runs them)")
     parser.set_defaults(handler=run)

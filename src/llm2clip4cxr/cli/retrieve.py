@@ -11,7 +11,9 @@ def register(commands) -> None:
         "(exact cosine similarity; for large collections build an index).",
     )
     directions = parser.add_subparsers(dest="direction", required=True)
-    options = common.model_options(model_help="a saved LLM2CLIP4CXR checkpoint directory", batch_size=16, required=True)
+    options = common.model_options(
+        model_help="a saved LLM2CLIP4CXR checkpoint directory", batch_size=16, required=True
+    )
     options.add_argument(
         "--max-image-pixels", type=common.non_negative_int, default=None,
         help="refuse image files declaring more pixels (width x height), before decoding them "
@@ -66,8 +68,12 @@ def run_report_to_image(args) -> int:
     images = find_images(args.images)
     model, processor = common.quiet(load_clip_model, args.model, args.trust_remote_code)
     corpus = image_encoder(model, processor, args.batch_size, max_pixels=args.max_image_pixels)(images)
-    order, scores = rank(report_encoder(model, processor, args.instruction, args.batch_size)(queries), corpus, args.top_k)
-    return _emit_rankings(args, "query", queries, order, scores, lambda i: {"image": str(images[i])}, lambda hit: hit["image"])
+    order, scores = rank(
+        report_encoder(model, processor, args.instruction, args.batch_size)(queries), corpus, args.top_k
+    )
+    return _emit_rankings(
+        args, "query", queries, order, scores, lambda i: {"image": str(images[i])}, lambda hit: hit["image"]
+    )
 
 
 def _emit_rankings(args, query_key, queries, order, scores, describe, text_of) -> int:

@@ -5,7 +5,9 @@ from . import common
 
 def register(commands) -> None:
     parser = commands.add_parser(
-        "similarity", help="cosine similarity between reports", description="Cosine similarity between every pair of reports.",
+        "similarity",
+        help="cosine similarity between reports",
+        description="Cosine similarity between every pair of reports.",
         parents=[common.model_options(), common.TRUST, common.JSON, common.OUTPUT],
     )
     parser.add_argument("reports", nargs="*", help="report texts")

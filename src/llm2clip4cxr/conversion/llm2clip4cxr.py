@@ -116,7 +116,9 @@ def convert_llm2clip4cxr(
     merged_adapter = _merge_lora(text, published.lora, adapter_name, lora_alpha, state_dict_path)
     model, logit_scale = _vision_language_model(text, vision_config, published, state_dict_path)
     processor = LLM2CLIP4CXRProcessor(
-        image_processor=LLM2CLIP4CXRImageProcessor(size={"height": vision_config.image_size, "width": vision_config.image_size}),
+        image_processor=LLM2CLIP4CXRImageProcessor(
+            size={"height": vision_config.image_size, "width": vision_config.image_size}
+        ),
         tokenizer=text.tokenizer,
         instruction_separator=text.config.instruction_separator,
         max_seq_length=text.config.max_seq_length,
@@ -185,7 +187,12 @@ def _eva02_config_from_weights(
     visual: dict[str, torch.Tensor], rope: dict[str, torch.Tensor], rope_pretrain_grid: int, head_dim: int
 ) -> EVA02VisionConfig:
     """Sizes of the EVA02 tower read off its weights (and the head size off the stored rotary tables)."""
-    for key in ("visual.cls_token", "visual.pos_embed", "visual.patch_embed.proj.weight", "visual.blocks.0.mlp.w1.weight"):
+    for key in (
+        "visual.cls_token",
+        "visual.pos_embed",
+        "visual.patch_embed.proj.weight",
+        "visual.blocks.0.mlp.w1.weight",
+    ):
         if key not in visual:
             raise CheckpointMismatchError(
                 f"The state dict has no {key}: it is not the published EVA02 LLM2CLIP4CXR (missing vision keys)."
@@ -256,14 +263,18 @@ def _merge_lora(text: LLM2Vec4CXRModel, lora: dict, adapter_name: str, lora_alph
     adapters = sorted({adapter for _, adapter in lora})
     if adapter_name not in adapters:
         if len(adapters) != 1:
-            raise ValueError(f"{source} has LoRA adapters {adapters} but not {adapter_name!r}: choose one with --adapter-name.")
+            raise ValueError(
+                f"{source} has LoRA adapters {adapters} but not {adapter_name!r}: choose one with --adapter-name."
+            )
         adapter_name = adapters[0]
     parameters = dict(text.named_parameters())
     for (module, adapter), pair in sorted(lora.items()):
         if adapter != adapter_name:
             continue
         if set(pair) != {"A", "B"}:
-            raise CheckpointMismatchError(f"{source}: LoRA of {module} (adapter {adapter}) lacks lora_{'B' if 'A' in pair else 'A'}.")
+            raise CheckpointMismatchError(
+                f"{source}: LoRA of {module} (adapter {adapter}) lacks lora_{'B' if 'A' in pair else 'A'}."
+            )
         if module + ".weight" not in parameters:
             raise CheckpointMismatchError(f"{source}: LoRA on {module}, which the text tower does not have.")
         weight = parameters[module + ".weight"]

@@ -142,7 +142,9 @@ def _published_backbone_config(source: Path):
 
 def _part(weights: dict, renamed: dict, prefix: str) -> dict:
     """The weights renamed into one submodule, keyed by their name inside it (as the error messages show them)."""
-    return {target[len(prefix) :]: weights[key] for key, target in renamed.items() if target and target.startswith(prefix)}
+    return {
+        target[len(prefix) :]: weights[key] for key, target in renamed.items() if target and target.startswith(prefix)
+    }
 
 
 def _pooling(source: Path, latent: dict, pooling_mode: str | None, heads: int) -> tuple[str, int, int | None]:

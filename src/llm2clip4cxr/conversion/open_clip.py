@@ -20,7 +20,14 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel, BertT
 from ..checkpoints import remote_code_guard
 from .weights import load_state_dict_file, rename_keys
 
-__all__ = ["KEY_MAPPING", "OPEN_CLIP_CONFIG", "OPEN_CLIP_WEIGHTS", "OpenClipTowers", "load_open_clip", "read_open_clip_state_dict"]
+__all__ = [
+    "KEY_MAPPING",
+    "OPEN_CLIP_CONFIG",
+    "OPEN_CLIP_WEIGHTS",
+    "OpenClipTowers",
+    "load_open_clip",
+    "read_open_clip_state_dict",
+]
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # Preferred first: safetensors cannot run code when read.
@@ -30,7 +37,11 @@ OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin
 _IGNORED_KEYS = frozenset({"logit_scale", "logit_bias", "text.transformer.embeddings.position_ids"})
 # timm's ViT sizes: name -> (embed_dim, depth, num_heads); mlp_ratio 4, LayerNorm eps 1e-6, class token.
 _TIMM_VIT_SIZES = {
-    "tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16), "huge": (1280, 32, 16),
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
 }
 _TIMM_VIT_NAME = re.compile(r"vit_(tiny|small|base|large|huge)_patch(\d+)_(\d+)(?:[._].*)?")
 _TIMM_VIT_KWARGS = ("embed_dim", "depth", "num_heads", "patch_size", "img_size", "mlp_ratio")
@@ -96,7 +107,9 @@ def load_open_clip(folder: str | os.PathLike) -> OpenClipTowers:
     if tokenizer.pad_token_id is None:
         raise ValueError(f"the tokenizer in {folder} has no pad token; open_clip pads texts with it.")
     text = BertModel(_text_config(folder, text_cfg, state_dict, tokenizer.pad_token_id), add_pooling_layer=False)
-    projection = _text_projection(text_cfg.get("hf_proj_type", text_cfg.get("proj")), text.config.hidden_size, embed_dim)
+    projection = _text_projection(
+        text_cfg.get("hf_proj_type", text_cfg.get("proj")), text.config.hidden_size, embed_dim
+    )
     modules = {"vision": vision, "vision_head": vision_head, "text": text, "text_projection": projection}
     architecture = f"vision {vision_cfg.get('timm_model_name')!r}, text {text_cfg.get('hf_model_name')!r}"
     _load_weights(folder, modules, state_dict, architecture)
@@ -178,7 +191,9 @@ def _vision_config(vision_cfg: Mapping) -> ViTConfig:
     )
 
 
-def _text_config(folder: Path, text_cfg: Mapping, state_dict: Mapping[str, torch.Tensor], pad_token_id: int) -> BertConfig:
+def _text_config(
+    folder: Path, text_cfg: Mapping, state_dict: Mapping[str, torch.Tensor], pad_token_id: int
+) -> BertConfig:
     """The BERT config: the folder's `config.json` if present, else read off the weight shapes."""
     if (folder / "config.json").is_file():
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)  # a BERT config needs no code
@@ -207,7 +222,9 @@ def _text_config(folder: Path, text_cfg: Mapping, state_dict: Mapping[str, torch
             f"cannot tell the text tower's attention heads from its width {hidden}: put the config.json of "
             f"{text_cfg.get('hf_model_name', 'the text model')} into {folder}."
         )
-    layers = {int(m.group(1)) for key in state_dict if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", key))}
+    layers = {
+        int(m.group(1)) for key in state_dict if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", key))
+    }
     return BertConfig(
         vocab_size=word.shape[0], hidden_size=hidden, num_hidden_layers=len(layers),
         num_attention_heads=hidden // 64,  # every BERT size has 64-wide heads
@@ -248,4 +265,6 @@ def _text_projection(kind: str | None, width: int, embed_dim: int) -> nn.Module:
         return nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, embed_dim, bias=False))
     if kind is None and width == embed_dim:
         return nn.Identity()
-    raise ValueError(f"text_cfg projection {kind!r} is not supported for width {width} -> {embed_dim} (use 'linear' or 'mlp').")
+    raise ValueError(
+        f"text_cfg projection {kind!r} is not supported for width {width} -> {embed_dim} (use 'linear' or 'mlp')."
+    )

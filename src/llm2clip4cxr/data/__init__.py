@@ -7,7 +7,13 @@ reading a CSV stays light.
 """
 
 from .prepare import load_prepared
-from .reports import DEFAULT_SPLIT_SEED, DEFAULT_VALIDATION_FRACTION, openi_report_texts, read_reports_csv, split_by_study
+from .reports import (
+    DEFAULT_SPLIT_SEED,
+    DEFAULT_VALIDATION_FRACTION,
+    openi_report_texts,
+    read_reports_csv,
+    split_by_study,
+)
 from .tables import load_text_dataset
 
 __all__ = [

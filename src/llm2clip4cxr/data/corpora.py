@@ -7,7 +7,7 @@ same keys whatever the source:
 |---|---|
 | `image_id` | the image's id in the source (MIMIC dicom_id, file name stem otherwise) |
 | `study_id`, `patient_id` | the study and patient (IU X-ray has no patient ids: the study id stands in) |
-| `view_position` | PA, AP, LATERAL, LL, ... upper case; FRONTAL where the source says only frontal/lateral; None if unknown |
+| `view_position` | PA, AP, LATERAL, LL, ... (upper case); FRONTAL where a source tells only frontal; None if unknown |
 | `image_source` | the image file, relative to `CorpusRead.image_root` |
 | `findings`, `impression` | the report sections, None where the report lacks them |
 | `report` | the whole free-text report where the source has one, else None |
@@ -153,7 +153,9 @@ def read_mimic_cxr_jpg(root, reports=None, split_source: str = "official") -> Co
             f"{root} is not a MIMIC-CXR-JPG folder: it has no {_MIMIC_PREFIX}metadata.csv(.gz) "
             "(expected beside files/ in the MIMIC-CXR-JPG download)."
         )
-    metadata = _read_csv(metadata_path, ("dicom_id", "subject_id", "study_id", "ViewPosition"), dtype={"dicom_id": str})
+    metadata = _read_csv(
+        metadata_path, ("dicom_id", "subject_id", "study_id", "ViewPosition"), dtype={"dicom_id": str}
+    )
     sources = {"metadata": str(metadata_path)}
     split_of = {}
     if split_source == "official":
@@ -188,7 +190,9 @@ def read_mimic_cxr_jpg(root, reports=None, split_source: str = "official") -> Co
             sections_of[study] = report_path.read_text(encoding="utf-8") if report_path.is_file() else None
         report = sections_of[study]
         if report is None:
-            dropped.setdefault("report_missing", []).append(f"{row.dicom_id} ({reports_dir / prefix / f's{study}.txt'})")
+            dropped.setdefault("report_missing", []).append(
+                f"{row.dicom_id} ({reports_dir / prefix / f's{study}.txt'})"
+            )
             continue
         sections = parse_report_sections(report)
         records.append(_record(
@@ -303,13 +307,22 @@ def _read_iu_r2gen(root: Path, split_source: str) -> CorpusRead:
                 raise ValueError(f"{path}: an entry of {split_key!r} lacks {missing}: {str(item)[:200]}")
             report = _text(item["report"])
             for image_path in item["image_path"]:
-                records.append(_record(
-                    image_id=str(Path(image_path).with_suffix("")), study_id=str(item["id"]), patient_id=str(item["id"]),
-                    view_position=None, image_source=f"images/{image_path}",
-                    # R2Gen's IU X-ray `report` is the FINDINGS section (its paper's reference reports).
-                    findings=report, impression=None, report=report,
-                    split=_split_name(item.get("split", split_key), str(path)) if split_source == "official" else None,
-                ))
+                records.append(
+                    _record(
+                        image_id=str(Path(image_path).with_suffix("")),
+                        study_id=str(item["id"]),
+                        patient_id=str(item["id"]),
+                        view_position=None,
+                        image_source=f"images/{image_path}",
+                        # R2Gen's IU X-ray `report` is the FINDINGS section (its paper's reference reports).
+                        findings=report,
+                        impression=None,
+                        report=report,
+                        split=_split_name(item.get("split", split_key), str(path))
+                        if split_source == "official"
+                        else None,
+                    )
+                )
     return CorpusRead("iu-xray", "r2gen-annotation", str(root), records, official_split=split_source == "official",
                       has_patient_ids=False, source_files={"annotation": str(path), "images": str(images)})
 
@@ -325,7 +338,9 @@ def _read_iu_csv(root: Path, reports_path: Path, projections_path: Path) -> Corp
     for row in projections.itertuples():
         report = by_uid.get(row.uid)
         if report is None:
-            dropped.setdefault("report_missing", []).append(f"{row.filename} (uid {row.uid} not in {reports_path.name})")
+            dropped.setdefault("report_missing", []).append(
+                f"{row.filename} (uid {row.uid} not in {reports_path.name})"
+            )
             continue
         image = found.get(row.filename)
         records.append(_record(

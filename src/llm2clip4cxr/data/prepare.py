@@ -25,13 +25,19 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .corpora import CorpusRead, read_corpus
 from ..errors import InputError
 from ..fileio import atomic_write, atomic_write_json, output_lock, remove_partial_writes, start_or_resume
+from .corpora import CorpusRead, read_corpus
 from .tables import datasets_progress_bars_off
 
 __all__ = [
-    "PrepareOptions", "SECTION_REQUIREMENTS", "format_summary", "load_prepared", "plan_rows", "prepare", "split_by_patient",
+    "PrepareOptions",
+    "SECTION_REQUIREMENTS",
+    "format_summary",
+    "load_prepared",
+    "plan_rows",
+    "prepare",
+    "split_by_patient",
 ]
 
 MANIFEST = "prepare.json"
@@ -158,7 +164,8 @@ def plan_rows(read: CorpusRead, options: PrepareOptions) -> tuple[dict[str, list
             study = studies.get(record["study_id"])
             if study is None:
                 study = studies[record["study_id"]] = {
-                    key: record[key] for key in ("study_id", "patient_id", "findings", "impression", "report", "split", "labels")
+                    key: record[key]
+                    for key in ("study_id", "patient_id", "findings", "impression", "report", "split", "labels")
                 }
                 study.update(image_ids=[], view_positions=[], image_sources=[])
             study["image_ids"].append(record["image_id"])
@@ -317,7 +324,9 @@ def _shard_rows(rows: list[dict], results: list[tuple], options: PrepareOptions,
             prepared = source if options.image_size is None else _prepared_image_path(source, options.image_format)
             for key, value in zip(kept, (prepared, image_id, view, source, result[1], result[2])):
                 kept[key].append(value)
-        text = {key: row[key] for key in ("study_id", "patient_id", "findings", "impression", "report", "split", "labels")}
+        text = {
+            key: row[key] for key in ("study_id", "patient_id", "findings", "impression", "report", "split", "labels")
+        }
         if options.unit == "image":
             if kept["image"]:
                 out.append({**{key: values[0] for key, values in kept.items()}, **text})
@@ -372,10 +381,18 @@ def _prepare(source, output, options: PrepareOptions | None, num_workers: int | 
     by_split, dropped, split_source = plan_rows(read, options)
     shards = _shard_plan(by_split, options.shard_size)
     manifest = {
-        "format_version": FORMAT_VERSION, "source": str(source), "layout": read.layout, "variant": read.variant,
-        "image_root": str(Path(read.image_root).resolve()) if options.image_size is None and not options.text_only else ".",
-        "options": asdict(options), "split_source": split_source, "has_patient_ids": read.has_patient_ids,
-        "source_files": read.source_files, "shards": [shard["name"] for shard in shards],
+        "format_version": FORMAT_VERSION,
+        "source": str(source),
+        "layout": read.layout,
+        "variant": read.variant,
+        "image_root": str(Path(read.image_root).resolve())
+        if options.image_size is None and not options.text_only
+        else ".",
+        "options": asdict(options),
+        "split_source": split_source,
+        "has_patient_ids": read.has_patient_ids,
+        "source_files": read.source_files,
+        "shards": [shard["name"] for shard in shards],
         "plan_digest": _digest({"rows": by_split, "shards": shards}),
     }
     _check_or_start(output, manifest)
@@ -409,7 +426,9 @@ def _prepare(source, output, options: PrepareOptions | None, num_workers: int | 
                         destination = None
                         if options.image_size is not None:
                             destination = str(output / _prepared_image_path(relative, options.image_format))
-                        tasks.append((str(image_root / relative), destination, options.image_size, options.image_format))
+                        tasks.append(
+                            (str(image_root / relative), destination, options.image_size, options.image_format)
+                        )
                 mapped = pool.map(_process_image, tasks, chunksize=4) if pool else map(_process_image, tasks)
                 results = []
                 for result in mapped:

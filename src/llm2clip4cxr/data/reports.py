@@ -60,4 +60,6 @@ def split_by_study(rows: list[dict], fraction: float = DEFAULT_VALIDATION_FRACTI
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(rows), generator=generator).tolist()
     held_out = set(order[: int(round(fraction * len(rows)))])
-    return [row for i, row in enumerate(rows) if i not in held_out], [row for i, row in enumerate(rows) if i in held_out]
+    return [row for i, row in enumerate(rows) if i not in held_out], [
+        row for i, row in enumerate(rows) if i in held_out
+    ]

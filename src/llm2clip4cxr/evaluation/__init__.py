@@ -15,7 +15,6 @@ from .metrics import (
 from .st_evaluator import findings_to_impression_evaluator
 
 
-
 def report_retrieval_metric_path() -> Path:
     """Folder of the `evaluate` module with the retrieval metrics: `evaluate.load(str(path))` works offline."""
     return Path(__file__).resolve().parent / "report_retrieval"

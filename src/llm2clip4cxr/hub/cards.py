@@ -93,7 +93,9 @@ def select_model_results(results: Mapping, candidates) -> str:
 def _published_metrics(task: str, metrics: Mapping) -> list[str]:
     known = _TASKS.get(task)
     names = known[1] if known else [name for name in metrics if _HEADLINE_METRIC.fullmatch(name)]
-    return [name for name in names if isinstance(metrics.get(name), (int, float)) and not isinstance(metrics[name], bool)]
+    return [
+        name for name in names if isinstance(metrics.get(name), (int, float)) and not isinstance(metrics[name], bool)
+    ]
 
 
 def eval_results(
@@ -233,7 +235,9 @@ def model_card(
         chosen = select_model_results(results, [results_model, model_name])
         entries = eval_results(results, chosen, task_type=pipeline_tag)
     tags = [kind, "chest-x-ray", "radiology"]
-    tags += ["sentence-transformers", "feature-extraction"] if kind == "llm2vec4cxr" else ["clip", "image-text-retrieval"]
+    tags += (
+        ["sentence-transformers", "feature-extraction"] if kind == "llm2vec4cxr" else ["clip", "image-text-retrieval"]
+    )
     if adapter:
         tags += ["peft", "lora"]
     card_data = ModelCardData(
@@ -287,7 +291,12 @@ def text_model_card(summary: dict, model_name: str, repo_id: str, this_model: st
     return model_card(config, repo_id, results=summary, results_model=this_model, model_name=model_name)
 
 
-def write_text_model_card(model_dir, summary: dict, model_name: str = "LLM2Vec4CXR-tiny (default)", repo_id: str = "llm2clip4cxr/llm2vec4cxr-tiny-openi") -> Path:
+def write_text_model_card(
+    model_dir,
+    summary: dict,
+    model_name: str = "LLM2Vec4CXR-tiny (default)",
+    repo_id: str = "llm2clip4cxr/llm2vec4cxr-tiny-openi",
+) -> Path:
     """Render the card of the LLM2Vec4CXR checkpoint in `model_dir` and save it as its README.md."""
     from .. import LLM2Vec4CXRConfig
 

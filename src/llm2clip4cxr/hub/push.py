@@ -19,6 +19,7 @@ Authentication uses only huggingface_hub's own mechanisms (`HF_TOKEN`, `hf auth 
 passed through to `HfApi`); the token is never printed, logged or written by this module.
 """
 
+import contextlib
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,7 +70,11 @@ class PushPlan:
 
     def describe(self) -> str:
         """The file list (with sizes), the load checks and the rendered card, as text."""
-        target = self.repo_id + (f"@{self.revision}" if self.revision else "") + (" (as a pull request)" if self.create_pr else "")
+        target = (
+            self.repo_id
+            + (f"@{self.revision}" if self.revision else "")
+            + (" (as a pull request)" if self.create_pr else "")
+        )
         lines = [f"{self.kind} checkpoint -> {target}{' (private)' if self.private else ''}", "files:"]
         for path in self.paths_in_repo():
             size = len(str(self.card).encode()) if path == CARD_FILE else self.files[path].stat().st_size
@@ -134,10 +139,8 @@ def merge_adapter(adapter_dir, output_dir, *, base_model: str | None = None) -> 
     def write(staging: Path) -> None:
         merged.save_pretrained(staging)
         if merged.config.model_type == "llm2clip4cxr":
-            try:
+            with contextlib.suppress(OSError):  # the base has no processor saved: neither will the merged model
                 AutoProcessor.from_pretrained(load_from, trust_remote_code=False).save_pretrained(staging)
-            except OSError:  # the base has no processor saved: neither will the merged model
-                pass
 
     return atomic_write_folder(output_dir, write)
 

@@ -123,7 +123,11 @@ def _outcomes(expected: list[str], results: dict, crashed: dict, kind: str) -> d
         else:
             outcomes[check] = "ok"
     package = results.get("package", {})
-    if outcomes["package"] == "ok" and not kind.endswith("-adapter") and not package["module"].startswith("llm2clip4cxr."):
+    if (
+        outcomes["package"] == "ok"
+        and not kind.endswith("-adapter")
+        and not package["module"].startswith("llm2clip4cxr.")
+    ):
         outcomes["package"] = f"failed: loaded {package['module']}.{package['class']}, not the package's class"
     passed = [check for check in expected if outcomes[check] == "ok"]
     if len(passed) > 1:

@@ -5,7 +5,15 @@ top-k for small collections (`ranking`) and zero-shot image classification (`zer
 The encoder and ranking functions are importable from here (they import torch only when a model runs).
 """
 
-from .encoders import IMAGE_SUFFIXES, Encoder, find_images, image_encoder, llm2vec_encoder, load_clip_model, report_encoder
+from .encoders import (
+    IMAGE_SUFFIXES,
+    Encoder,
+    find_images,
+    image_encoder,
+    llm2vec_encoder,
+    load_clip_model,
+    report_encoder,
+)
 from .ranking import rank, top_k
 
 __all__ = [

@@ -12,7 +12,6 @@ When every chunk is done they are joined into one `embeddings.npy` that is retur
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -110,7 +109,7 @@ def embed_in_chunks(
                 dim = dim or _existing_dim(paths) or embeddings.shape[1]
                 if embeddings.shape[1] != dim:
                     raise ValueError(f"encode() returned width {embeddings.shape[1]}, earlier chunks have {dim}.")
-                atomic_write(path, lambda temp: np.save(temp, embeddings.astype(dtype, copy=False)))
+                atomic_write(path, lambda temp, array=embeddings: np.save(temp, array.astype(dtype, copy=False)))
                 bar.update(1)
 
         _join_chunks(paths, final, dtype)

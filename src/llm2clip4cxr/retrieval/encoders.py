@@ -47,7 +47,9 @@ def llm2vec_encoder(model, instruction: str | None = None, batch_size: int = 64)
     checkpoint was trained with)."""
 
     def encode(texts):
-        return normalized(model.encode(list(texts), instruction=instruction, batch_size=batch_size, convert_to_numpy=True))
+        return normalized(
+            model.encode(list(texts), instruction=instruction, batch_size=batch_size, convert_to_numpy=True)
+        )
 
     return encode
 
@@ -97,7 +99,9 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def image_encoder(model, processor, batch_size: int = 16, max_pixels: int | None = None) -> Callable[[Sequence], np.ndarray]:
+def image_encoder(
+    model, processor, batch_size: int = 16, max_pixels: int | None = None
+) -> Callable[[Sequence], np.ndarray]:
     """A callable: image paths (or arrays / PIL images) -> `(n, projection_dim)` L2-normalised float32.
 
     Images are read and preprocessed one at a time (each is resized to the model's input as soon as it

@@ -124,7 +124,9 @@ def fuse(
     better). See the module docstring for the methods."""
     dense, lexical = np.asarray(dense, dtype=np.float64), np.asarray(lexical, dtype=np.float64)
     if dense.shape != lexical.shape or dense.ndim != 2:
-        raise ValueError(f"dense and lexical scores must be 2-D and of one shape, got {dense.shape} and {lexical.shape}.")
+        raise ValueError(
+            f"dense and lexical scores must be 2-D and of one shape, got {dense.shape} and {lexical.shape}."
+        )
     if method not in FUSION_METHODS:
         raise ValueError(f"`method` must be one of {FUSION_METHODS}, got {method!r}.")
     w_dense, w_lexical = weights

@@ -135,7 +135,9 @@ class EmbeddingIndex:
         pq_m = dim // 2 if pq_m is None and isinstance(dim, (int, np.integer)) and dim > 1 else pq_m
         _check_positive_int("pq_m", pq_m)
         if kind == "pq" and dim % pq_m:
-            raise ValueError(f"`pq_m` must divide `dim`={dim} (each sub-quantizer codes dim / pq_m values), got {pq_m}.")
+            raise ValueError(
+                f"`pq_m` must divide `dim`={dim} (each sub-quantizer codes dim / pq_m values), got {pq_m}."
+            )
         self.dim = int(dim)
         self.kind = kind
         self.normalize = bool(normalize)
@@ -369,7 +371,9 @@ class EmbeddingIndex:
             dense = self.get_vectors(positions=union).astype(np.float32) @ query
             fused = fuse(dense[None, :], lexical_scores[row, union][None, :], method, weights or DEFAULT_WEIGHTS)[0]
             best = np.argsort(-fused, kind="stable")[:k]
-            results.append([(self._ids[union[i]], float(fused[i]), dict(self._metadata[union[i]] or {})) for i in best])
+            results.append(
+                [(self._ids[union[i]], float(fused[i]), dict(self._metadata[union[i]] or {})) for i in best]
+            )
         return results
 
     def get_vectors(self, ids: Sequence[str] | None = None, positions=None) -> np.ndarray:
@@ -491,7 +495,9 @@ class EmbeddingIndex:
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
-            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}; is it a directory written by EmbeddingIndex.save()?")
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} in {directory}; is it a directory written by EmbeddingIndex.save()?"
+            )
         for _ in range(_LOAD_ATTEMPTS):
             raw = config_path.read_bytes()
             saved = _parse_config(raw, config_path, verify)
@@ -667,7 +673,9 @@ class EmbeddingIndex:
             try:
                 json.dumps(entry)
             except (TypeError, ValueError) as error:
-                raise ValueError(f"metadata[{i}] is not JSON-serialisable ({error}); it is saved as JSON lines.") from error
+                raise ValueError(
+                    f"metadata[{i}] is not JSON-serialisable ({error}); it is saved as JSON lines."
+                ) from error
         return metadata
 
     def _iter_store_chunks(self) -> Iterator[np.ndarray]:
@@ -747,7 +755,9 @@ def _parse_config(raw: bytes, config_path: Path, verify: bool) -> dict:
     try:
         saved = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorruptFileError(f"{config_path}: not valid UTF-8 JSON ({error}); the index folder is damaged.") from None
+        raise CorruptFileError(
+            f"{config_path}: not valid UTF-8 JSON ({error}); the index folder is damaged."
+        ) from None
     if not isinstance(saved, dict):
         raise CorruptFileError(f"{config_path}: expected a JSON object, got {type(saved).__name__}.")
     version = saved.get("format_version")
@@ -772,13 +782,17 @@ def _parse_config(raw: bytes, config_path: Path, verify: bool) -> dict:
     if not isinstance(saved.get("info", {}) or {}, dict):
         raise CorruptFileError(f"{config_path}: \"info\" must be an object, got {saved['info']!r}.")
     files = saved["files"]
-    required = sorted(role for role in files if not role.startswith(_LEXICAL_ROLE)) if isinstance(files, dict) else None
+    required = (
+        sorted(role for role in files if not role.startswith(_LEXICAL_ROLE)) if isinstance(files, dict) else None
+    )
     if not isinstance(files, dict) or required != sorted(_FILE_NAMES):
         raise CorruptFileError(f"{config_path}: \"files\" must name the {sorted(_FILE_NAMES)} files, got {files!r}.")
     for role, entry in files.items():
         path = entry.get("path") if isinstance(entry, dict) else None
         if not isinstance(path, str) or Path(path).is_absolute() or ".." in Path(path).parts:
-            raise CorruptFileError(f"{config_path}: the {role} file must be a path inside the index folder, got {entry!r}.")
+            raise CorruptFileError(
+                f"{config_path}: the {role} file must be a path inside the index folder, got {entry!r}."
+            )
         if verify and not (isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
             raise CorruptFileError(f"{config_path}: the {role} file has no sha256/bytes to verify it against.")
     return saved
@@ -803,7 +817,9 @@ def _read_metadata(path: Path) -> tuple[list[str], list[dict | None]]:
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise CorruptFileError(f"{path}, line {number}: not valid UTF-8 JSON ({error}).") from None
             if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-                raise CorruptFileError(f"{path}, line {number}: expected an object with a string \"id\", got {raw[:80]!r}.")
+                raise CorruptFileError(
+                    f'{path}, line {number}: expected an object with a string "id", got {raw[:80]!r}.'
+                )
             entry = record.get("metadata")
             if entry is not None and not isinstance(entry, dict):
                 raise CorruptFileError(f"{path}, line {number}: \"metadata\" must be an object or null.")

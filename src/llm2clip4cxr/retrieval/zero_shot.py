@@ -65,7 +65,9 @@ def zero_shot_classify(
     model.eval()
     try:
         prompts = [template.format(label) for label in labels for template in templates]
-        prompt_embeds = torch.from_numpy(report_encoder(model, processor, instruction, batch_size=len(prompts))(prompts))
+        prompt_embeds = torch.from_numpy(
+            report_encoder(model, processor, instruction, batch_size=len(prompts))(prompts)
+        )
         label_embeds = prompt_embeds.view(len(labels), len(templates), -1).mean(dim=1)  # (L, P)
         label_embeds = F.normalize(label_embeds, dim=-1)
         image_embeds = torch.from_numpy(image_encoder(model, processor, batch_size=batch_size)(images))

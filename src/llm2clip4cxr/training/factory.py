@@ -31,7 +31,9 @@ def backbone_config_dict(
     return config
 
 
-def build_text_encoder(tokenizer, family: str = "llama", pooling_mode: str = "mean", backbone_kwargs=None, **config_kwargs):
+def build_text_encoder(
+    tokenizer, family: str = "llama", pooling_mode: str = "mean", backbone_kwargs=None, **config_kwargs
+):
     """A randomly initialised LLM2Vec4CXRModel sized to `tokenizer`, with the tokenizer attached.
 
     The backbone's special token ids are taken from the tokenizer so that saved checkpoints agree.
@@ -70,7 +72,9 @@ def encoder_from_decoder(path, pooling_mode: str = "mean", tokenizer=None, trust
             tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     missing = [key for key in info.get("missing_keys", []) if "rotary" not in key]
     if missing:
-        raise ValueError(f"{path} is missing backbone weights {missing[:10]}: is it a decoder checkpoint of this family?")
+        raise ValueError(
+            f"{path} is missing backbone weights {missing[:10]}: is it a decoder checkpoint of this family?"
+        )
     encoder.model = backbone
     encoder.set_tokenizer(tokenizer)
     return encoder

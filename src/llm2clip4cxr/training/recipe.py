@@ -13,7 +13,11 @@ from ..fileio import atomic_write_folder
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS", "apply_lora", "last_complete_checkpoint", "parse_recipe_arguments", "save_pretrained_atomically",
+    "DEFAULT_LORA_TARGETS",
+    "apply_lora",
+    "last_complete_checkpoint",
+    "parse_recipe_arguments",
+    "save_pretrained_atomically",
 ]
 
 # All attention and MLP projections of Llama/Mistral/Qwen2/Qwen3 decoder layers.
@@ -36,9 +40,8 @@ def parse_recipe_arguments(recipe_arguments_class, argv=None):
     search (every parameter takes part in each step)."""
     import sys
 
-    from transformers import HfArgumentParser
-
     from sentence_transformers import SentenceTransformerTrainingArguments
+    from transformers import HfArgumentParser
 
     # sentence-transformers' arguments extend transformers' (batch samplers, prompts); the MNTP stage ignores them.
     parser = HfArgumentParser((recipe_arguments_class, SentenceTransformerTrainingArguments))

@@ -16,11 +16,9 @@ what no library does is written here:
   prepends it and pools it out.
 """
 
-import torch
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
 from ..modeling.modeling_llm2vec4cxr import LLM2Vec4CXRModel
-
 
 CONTRASTIVE_ROLES = ("anchor", "positive", "negative")
 
@@ -35,7 +33,10 @@ def mntp_model_for(encoder: LLM2Vec4CXRModel):
     # A LoRA-wrapped backbone (peft) is shared as it is: its base model must be the LM's backbone class.
     base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
     if type(lm.model) is not type(base):
-        raise TypeError(f"{type(lm).__name__}.model is a {type(lm.model).__name__}, the encoder's backbone a {type(base).__name__}.")
+        raise TypeError(
+            f"{type(lm).__name__}.model is a {type(lm.model).__name__}, "
+            f"the encoder's backbone a {type(base).__name__}."
+        )
     lm.model = backbone
     return lm
 
@@ -47,12 +48,19 @@ def mntp_collator(tokenizer, mask_probability: float = 0.2, mask_token: str | No
         raise ValueError(f"`mask_probability` must be in (0, 1), got {mask_probability}.")
     if mask_token is not None:
         if tokenizer.convert_tokens_to_ids(mask_token) in (None, tokenizer.unk_token_id):
-            raise ValueError(f"mask token {mask_token!r} is not in the tokenizer's vocabulary; pick an existing token.")
+            raise ValueError(
+                f"mask token {mask_token!r} is not in the tokenizer's vocabulary; pick an existing token."
+            )
         tokenizer.mask_token = mask_token
     elif tokenizer.mask_token is None:
         raise ValueError("The tokenizer has no mask token: pass `mask_token=` (an existing token such as '_').")
     return DataCollatorForLanguageModeling(
-        tokenizer, mlm=True, mlm_probability=mask_probability, mask_replace_prob=0.8, random_replace_prob=0.1, seed=seed
+        tokenizer,
+        mlm=True,
+        mlm_probability=mask_probability,
+        mask_replace_prob=0.8,
+        random_replace_prob=0.1,
+        seed=seed,
     )
 
 
