@@ -29,6 +29,42 @@ def count(module) -> str:
     return f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f}M"
 
 
+def build_model(args, tokenizer) -> LLM2CLIP4CXRModel:
+    """An LLM2CLIP4CXR model of the sizes asked for, randomly initialised."""
+    heads = max(1, args.text_hidden // 64)
+    encoder = build_text_encoder(
+        tokenizer,
+        backbone_kwargs={
+            "hidden_size": args.text_hidden,
+            "num_layers": args.text_layers,
+            "num_heads": heads,
+            "num_kv_heads": heads,
+        },
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden, num_hidden_layers=args.vision_layers,
+        num_attention_heads=max(1, args.vision_hidden // 64), image_size=args.image_size, patch_size=16,
+    )
+    clip = LLM2CLIP4CXRModel(
+        LLM2CLIP4CXRConfig(text_config=encoder.config, vision_config=vision, projection_dim=256), text_model=encoder
+    )
+    return clip
+
+
+def make_batches(args, num_steps: int, captions: list[str], processor, cache) -> list[tuple[dict, dict]]:
+    """Per step, the same random images with the captions as tokens (online) and as cached embeddings."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for step in range(num_steps):
+        index = list(range(step * args.batch_size, (step + 1) * args.batch_size))
+        pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
+        tokens = dict(processor(text=[captions[i] for i in index]))
+        batches.append(
+            ({"pixel_values": pixels, **tokens}, {"pixel_values": pixels, "text_embeds_cached": cache[index]})
+        )
+    return batches
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text-hidden", type=int, default=512)
@@ -50,23 +86,7 @@ def main():
     rows = rows[: num_steps * args.batch_size]
     captions = [build_caption(row["findings"], row["impression"], seed) for seed, row in enumerate(rows)]
     tokenizer = train_report_tokenizer([row["findings"] + " " + row["impression"] for row in rows], vocab_size=2000)
-    heads = max(1, args.text_hidden // 64)
-    encoder = build_text_encoder(
-        tokenizer,
-        backbone_kwargs={
-            "hidden_size": args.text_hidden,
-            "num_layers": args.text_layers,
-            "num_heads": heads,
-            "num_kv_heads": heads,
-        },
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden, num_hidden_layers=args.vision_layers,
-        num_attention_heads=max(1, args.vision_hidden // 64), image_size=args.image_size, patch_size=16,
-    )
-    clip = LLM2CLIP4CXRModel(
-        LLM2CLIP4CXRConfig(text_config=encoder.config, vision_config=vision, projection_dim=256), text_model=encoder
-    )
+    clip = build_model(args, tokenizer)
     clip.text_model.requires_grad_(False)
     processor = LLM2CLIP4CXRProcessor(LLM2CLIP4CXRImageProcessor(size=args.image_size), tokenizer)
     model = ClipTrainingModel(clip).train()
@@ -79,15 +99,7 @@ def main():
     cache = cache_text_embeddings(clip, captions, batch_size=args.batch_size, processor=processor)
     cache_seconds = time.perf_counter() - start
 
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for step in range(num_steps):
-        index = list(range(step * args.batch_size, (step + 1) * args.batch_size))
-        pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
-        tokens = dict(processor(text=[captions[i] for i in index]))
-        batches.append(
-            ({"pixel_values": pixels, **tokens}, {"pixel_values": pixels, "text_embeds_cached": cache[index]})
-        )
+    batches = make_batches(args, num_steps, captions, processor, cache)
     mean_tokens = sum(int(b[0]["attention_mask"].sum()) for b in batches) / (num_steps * args.batch_size)
 
     def seconds_per_step(which: int) -> float:

@@ -78,7 +78,7 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), exact.tolist())]))
 
 
-def main():
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="corpus size")
     parser.add_argument("--dim", type=int, default=512)
@@ -104,29 +104,11 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="alternating timings behind the summary")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    faiss.omp_set_num_threads(args.threads)
-    baseline = peak_memory_gib()  # interpreter + imports (the package imports torch and transformers)
-    rng = np.random.default_rng(args.seed)
-    ids = [str(i) for i in range(args.n)]
-    corpus, seconds = timed(lambda: make_corpus(args.n, args.dim, args.data, args.latent_dim, rng))
-    sources = rng.choice(args.n, size=args.queries, replace=False)
-    noise = rng.standard_normal((args.queries, args.dim), dtype=np.float32) * (args.noise / np.sqrt(args.dim))
-    queries = unit_rows(corpus[sources] + noise).astype(np.float32)
-    print(f"corpus: {args.n:,} x {args.dim} float32 unit vectors ({args.data}), {args.queries} queries "
-          f"(noise norm {args.noise}) searched {args.batch or args.queries} per call, top-{args.k}, "
-          f"{args.threads} threads, faiss {faiss.__version__}")
-    print(f"peak memory after imports {baseline:.2f} GiB; corpus generated in {seconds:.1f} s, "
-          f"peak memory {peak_memory_gib():.2f} GiB")
 
-    exact_index = EmbeddingIndex(args.dim, kind="flat")
-    _, flat_build = timed(lambda: exact_index.add(corpus, ids))
-    exact, flat_search = timed(lambda: search_in_batches(exact_index, queries, args.k, args.batch))
-    print(f"\nexact (flat): build {flat_build:.1f} s, {args.queries / flat_search:,.1f} queries/s "
-          f"({flat_search:.2f} s), finds the perturbed source at rank 1 for {np.mean(exact[:, 0] == sources):.1%}; "
-          f"peak memory {peak_memory_gib():.2f} GiB")
-
+def approximate_index(args) -> tuple[EmbeddingIndex, str, list[int], str]:
+    """(empty index of --kind, its search-time knob, the knob values to sweep, a label)."""
     if args.kind == "hnsw":
         approx = EmbeddingIndex(args.dim, kind="hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
         knob, settings = "ef_search", args.ef_search
@@ -139,11 +121,12 @@ def main():
         approx = EmbeddingIndex(args.dim, kind="ivf", nlist=args.nlist)
         knob, settings = "nprobe", [p for p in args.nprobe if p <= args.nlist]
         label = f"IVF nlist={args.nlist}"
-    _, approx_build = timed(lambda: approx.add(corpus, ids))
-    print(f"\napproximate ({label}): build {approx_build:.1f} s; peak memory {peak_memory_gib():.2f} GiB")
-    print("  sweep (one timing each, speed-up against the single exact timing above)")
-    print(f"  {knob:>9}  {'queries/s':>10}  {'speed-up':>8}  recall@{args.k}  source@1")
+    return approx, knob, settings, label
 
+
+def sweep(approx, knob: str, settings, queries, exact, sources, flat_search: float, args):
+    """Raise the knob until the target recall is reached (or the index is slower than exact search): (the last
+    value, its recall, whether the target was reached, why the sweep stopped otherwise)."""
     reached, stop_reason = False, f"swept up to {knob}={settings[-1]}"
     for value in settings:
         setattr(approx, knob, value)
@@ -158,7 +141,12 @@ def main():
         if speedup < 1:  # slower than exact search already: larger settings only get slower
             stop_reason = f"stopped at {knob}={value}, already slower than exact search"
             break
+    return value, recall, reached, stop_reason
 
+
+def summary(args, exact_index, approx, label, knob, value, recall, reached, stop_reason, queries, builds, baseline):
+    """Alternating exact and approximate timings, and the summary lines."""
+    flat_build, approx_build = builds
     # CPU speed on small VMs drifts by several x over minutes (burst credits, neighbours), so the
     # reported numbers alternate exact and approximate searches and take medians of each and of the ratios.
     exact_times, approx_times = [], []
@@ -182,6 +170,42 @@ def main():
           f"{'reached' if reached else 'NOT reached, ' + stop_reason})")
     print(f"  speed-up: {speedup:.1f}x")
     print(f"  peak memory (ru_maxrss): {peak_memory_gib():.2f} GiB ({baseline:.2f} GiB of it after imports)")
+
+
+def main():
+    args = parse_arguments()
+
+    faiss.omp_set_num_threads(args.threads)
+    baseline = peak_memory_gib()  # interpreter + imports (the package imports torch and transformers)
+    rng = np.random.default_rng(args.seed)
+    ids = [str(i) for i in range(args.n)]
+    corpus, seconds = timed(lambda: make_corpus(args.n, args.dim, args.data, args.latent_dim, rng))
+    sources = rng.choice(args.n, size=args.queries, replace=False)
+    noise = rng.standard_normal((args.queries, args.dim), dtype=np.float32) * (args.noise / np.sqrt(args.dim))
+    queries = unit_rows(corpus[sources] + noise).astype(np.float32)
+    print(f"corpus: {args.n:,} x {args.dim} float32 unit vectors ({args.data}), {args.queries} queries "
+          f"(noise norm {args.noise}) searched {args.batch or args.queries} per call, top-{args.k}, "
+          f"{args.threads} threads, faiss {faiss.__version__}")
+    print(f"peak memory after imports {baseline:.2f} GiB; corpus generated in {seconds:.1f} s, "
+          f"peak memory {peak_memory_gib():.2f} GiB")
+
+    exact_index = EmbeddingIndex(args.dim, kind="flat")
+    _, flat_build = timed(lambda: exact_index.add(corpus, ids))
+    exact, flat_search = timed(lambda: search_in_batches(exact_index, queries, args.k, args.batch))
+    print(f"\nexact (flat): build {flat_build:.1f} s, {args.queries / flat_search:,.1f} queries/s "
+          f"({flat_search:.2f} s), finds the perturbed source at rank 1 for {np.mean(exact[:, 0] == sources):.1%}; "
+          f"peak memory {peak_memory_gib():.2f} GiB")
+
+    approx, knob, settings, label = approximate_index(args)
+    _, approx_build = timed(lambda: approx.add(corpus, ids))
+    print(f"\napproximate ({label}): build {approx_build:.1f} s; peak memory {peak_memory_gib():.2f} GiB")
+    print("  sweep (one timing each, speed-up against the single exact timing above)")
+    print(f"  {knob:>9}  {'queries/s':>10}  {'speed-up':>8}  recall@{args.k}  source@1")
+
+    value, recall, reached, stop_reason = sweep(approx, knob, settings, queries, exact, sources, flat_search, args)
+    summary(args, exact_index, approx, label, knob, value, recall, reached, stop_reason, queries,
+            (flat_build, approx_build), baseline)
+
 
 if __name__ == "__main__":
     main()

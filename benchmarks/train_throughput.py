@@ -33,6 +33,60 @@ def time_steps(step, batches, warmup: int = 2) -> float:
     return (time.perf_counter() - start) / len(batches[warmup:])
 
 
+INSTRUCTION = "Retrieve reports with the same clinical findings"
+ROLES = ("anchor", "positive", "negative")
+
+
+def contrastive_seconds(args, tokenizer, triplets, pooling_mode: str, bucket_rows: int, mini_batch_size):
+    """(seconds per contrastive step, the model it trained) for one way of batching the forward pass."""
+    transformers.set_seed(0)
+    model = build_text_encoder(
+        tokenizer,
+        pooling_mode=pooling_mode,
+        backbone_kwargs={
+            "hidden_size": args.hidden_size,
+            "num_layers": args.layers,
+            "num_heads": 4,
+            "num_kv_heads": 4,
+        },
+    ).train()
+    st_model = sentence_transformer_for(model, bucket_rows=bucket_rows)
+    loss_fn = contrastive_loss(st_model, args.batch_size, mini_batch_size, gather_across_devices=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = [
+        [
+            st_model.preprocess([t[role] for t in triplets[i : i + args.batch_size]], prompt=INSTRUCTION)
+            for role in ROLES
+        ]
+        for i in range(0, len(triplets), args.batch_size)
+    ]
+
+    def step(features):
+        loss_fn(features, None).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return time_steps(step, batches), model
+
+
+def mntp_seconds(model, tokenizer, triplets, batch_size: int) -> float:
+    """Seconds per MNTP step on the anchors, for reference."""
+    lm = mntp_model_for(model).train()
+    mask_collate = mntp_collator(tokenizer, seed=0)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4)
+    batches = [
+        mask_collate([tokenizer(t["anchor"], truncation=True, max_length=512) for t in triplets[i : i + batch_size]])
+        for i in range(0, len(triplets), batch_size)
+    ]
+
+    def step(batch):
+        lm(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return time_steps(step, batches)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -47,15 +101,11 @@ def main():
     texts = openi_report_texts()
     tokenizer = train_report_tokenizer(texts, vocab_size=4096)
     needed = (args.steps + 2) * args.batch_size
-    triplets = [{k: t[k] for k in ("anchor", "positive", "negative")} for t in build_triplets(texts[:needed], seed=0)][
-        :needed
-    ]
+    triplets = [{role: t[role] for role in ROLES} for t in build_triplets(texts[:needed], seed=0)][:needed]
     print(
         f"{args.threads} threads, Llama-style hidden {args.hidden_size} x {args.layers} layers, "
-        f"batch {args.batch_size}, "
-        f"{args.steps} timed steps"
+        f"batch {args.batch_size}, {args.steps} timed steps"
     )
-    instruction = "Retrieve reports with the same clinical findings"
     variants = (
         ("one padded pass", 10**9, None),
         ("length buckets of 32", 32, None),
@@ -64,54 +114,14 @@ def main():
     for pooling_mode in ("mean", "latent_attention"):
         baseline = None
         for name, bucket_rows, mini_batch_size in variants:
-            transformers.set_seed(0)
-            model = build_text_encoder(
-                tokenizer, pooling_mode=pooling_mode,
-                backbone_kwargs={"hidden_size": args.hidden_size, "num_layers": args.layers, "num_heads": 4,
-                                 "num_kv_heads": 4},
-            ).train()
-            st_model = sentence_transformer_for(model, bucket_rows=bucket_rows)
-            loss_fn = contrastive_loss(st_model, args.batch_size, mini_batch_size, gather_across_devices=False)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            batches = [
-                [st_model.preprocess([t[role] for t in triplets[i : i + args.batch_size]], prompt=instruction)
-                 for role in ("anchor", "positive", "negative")]
-                for i in range(0, len(triplets), args.batch_size)
-            ]
-
-            def contrastive_step(features):
-                loss_fn(features, None).backward()
-                optimizer.step()
-                optimizer.zero_grad()
-
-            seconds = time_steps(contrastive_step, batches)
+            seconds, model = contrastive_seconds(args, tokenizer, triplets, pooling_mode, bucket_rows, mini_batch_size)
             baseline = baseline or seconds
             print(f"contrastive, {pooling_mode:>16} pooling, {name:<26}: {args.batch_size / seconds:7.1f} triplets/s "
                   f"({seconds:.2f} s/step, {baseline / seconds:.2f}x the padded pass)")
         if pooling_mode == "mean":
-            lm = mntp_model_for(model).train()
-            mask_collate = mntp_collator(tokenizer, seed=0)
-            lm_optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4)
-            mntp_batches = [
-                mask_collate(
-                    [
-                        tokenizer(t["anchor"], truncation=True, max_length=512)
-                        for t in triplets[i : i + args.batch_size]
-                    ]
-                )
-                for i in range(0, len(triplets), args.batch_size)
-            ]
-
-            def mntp_step(batch):
-                lm(**batch).loss.backward()
-                lm_optimizer.step()
-                lm_optimizer.zero_grad()
-
-            mntp_seconds = time_steps(mntp_step, mntp_batches)
-            print(
-                f"MNTP (reference)                  : {args.batch_size / mntp_seconds:7.1f} reports/s "
-                f"({mntp_seconds:.2f} s/step)"
-            )
+            seconds = mntp_seconds(model, tokenizer, triplets, args.batch_size)
+            rate = args.batch_size / seconds
+            print(f"MNTP (reference)                  : {rate:7.1f} reports/s ({seconds:.2f} s/step)")
 
 
 if __name__ == "__main__":

@@ -27,94 +27,92 @@ def _vocab(report_texts):
     return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [w for w, _ in words.most_common(150)] + ["##s", "##ed"]
 
 
-def _fabricate(folder, report_texts, *, bert_width=32, bert_heads=4, proj="mlp", pooler="cls_last_hidden_state_pooler",
-               weights="safetensors", write_bert_config=True):
-    """A tiny checkpoint in open_clip's BiomedCLIP layout; returns its state dict and BERT config."""
-    generator = torch.Generator().manual_seed(0)
+class _RandomWeights:
+    """Small random tensors in open_clip's naming, drawn from one seeded generator."""
 
-    def rand(*shape, scale=0.2):
-        return torch.randn(*shape, generator=generator) * scale
+    def __init__(self):
+        self.generator = torch.Generator().manual_seed(0)
 
-    def norm(prefix, width, gamma="weight", beta="bias"):
-        return {f"{prefix}.{gamma}": 1 + rand(width, scale=0.1), f"{prefix}.{beta}": rand(width, scale=0.1)}
+    def rand(self, *shape, scale=0.2):
+        return torch.randn(*shape, generator=self.generator) * scale
 
-    def linear(prefix, out_features, in_features, bias=True):
-        return {
-            f"{prefix}.weight": rand(out_features, in_features),
-            **({f"{prefix}.bias": rand(out_features)} if bias else {}),
-        }
+    def norm(self, prefix, width, gamma="weight", beta="bias"):
+        return {f"{prefix}.{gamma}": 1 + self.rand(width, scale=0.1), f"{prefix}.{beta}": self.rand(width, scale=0.1)}
 
-    vocab = _vocab(report_texts)
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    def linear(self, prefix, out_features, in_features, bias=True):
+        weights = {f"{prefix}.weight": self.rand(out_features, in_features)}
+        return weights | ({f"{prefix}.bias": self.rand(out_features)} if bias else {})
+
+
+def _vit_state(w: _RandomWeights) -> dict:
     width, tokens = VIT_WIDTH, 1 + (IMAGE // PATCH) ** 2
     sd = {
         "logit_scale": torch.tensor(math.log(1 / 0.07)),
-        "visual.trunk.cls_token": rand(1, 1, width),
-        "visual.trunk.pos_embed": rand(1, tokens, width),
-        "visual.trunk.patch_embed.proj.weight": rand(width, 3, PATCH, PATCH),
-        "visual.trunk.patch_embed.proj.bias": rand(width),
+        "visual.trunk.cls_token": w.rand(1, 1, width),
+        "visual.trunk.pos_embed": w.rand(1, tokens, width),
+        "visual.trunk.patch_embed.proj.weight": w.rand(width, 3, PATCH, PATCH),
+        "visual.trunk.patch_embed.proj.bias": w.rand(width),
     }
     for i in range(VIT_DEPTH):
         block = f"visual.trunk.blocks.{i}"
-        sd |= norm(f"{block}.norm1", width) | norm(f"{block}.norm2", width)
-        sd |= linear(f"{block}.attn.qkv", 3 * width, width) | linear(f"{block}.attn.proj", width, width)
-        sd |= linear(f"{block}.mlp.fc1", 4 * width, width) | linear(f"{block}.mlp.fc2", width, 4 * width)
-    sd |= norm("visual.trunk.norm", width) | linear("visual.head.proj", EMBED_DIM, width, bias=False)
+        sd |= w.norm(f"{block}.norm1", width) | w.norm(f"{block}.norm2", width)
+        sd |= w.linear(f"{block}.attn.qkv", 3 * width, width) | w.linear(f"{block}.attn.proj", width, width)
+        sd |= w.linear(f"{block}.mlp.fc1", 4 * width, width) | w.linear(f"{block}.mlp.fc2", width, 4 * width)
+    return sd | w.norm("visual.trunk.norm", width) | w.linear("visual.head.proj", EMBED_DIM, width, bias=False)
 
-    bert = BertConfig(vocab_size=len(vocab), hidden_size=bert_width, num_hidden_layers=BERT_LAYERS,
-                      num_attention_heads=bert_heads, intermediate_size=2 * bert_width, max_position_embeddings=40)
+
+def _bert_state(w: _RandomWeights, vocab_size: int, width: int, proj: str) -> dict:
     t = "text.transformer"
-    sd |= {f"{t}.embeddings.word_embeddings.weight": rand(len(vocab), bert_width),
-           f"{t}.embeddings.position_embeddings.weight": rand(40, bert_width),
-           f"{t}.embeddings.token_type_embeddings.weight": rand(2, bert_width),
-           f"{t}.embeddings.position_ids": torch.arange(40)[None]}  # saved by older transformers; not a weight
-    sd |= norm(f"{t}.embeddings.LayerNorm", bert_width)
+    sd = {
+        f"{t}.embeddings.word_embeddings.weight": w.rand(vocab_size, width),
+        f"{t}.embeddings.position_embeddings.weight": w.rand(40, width),
+        f"{t}.embeddings.token_type_embeddings.weight": w.rand(2, width),
+        f"{t}.embeddings.position_ids": torch.arange(40)[None],  # saved by older transformers; not a weight
+    }
+    sd |= w.norm(f"{t}.embeddings.LayerNorm", width)
     for i in range(BERT_LAYERS):
         layer = f"{t}.encoder.layer.{i}"
         for name in ("query", "key", "value"):
-            sd |= linear(f"{layer}.attention.self.{name}", bert_width, bert_width)
-        sd |= linear(f"{layer}.attention.output.dense", bert_width, bert_width) | norm(
-            f"{layer}.attention.output.LayerNorm", bert_width
-        )
-        sd |= linear(f"{layer}.intermediate.dense", 2 * bert_width, bert_width)
-        sd |= linear(f"{layer}.output.dense", bert_width, 2 * bert_width) | norm(
-            f"{layer}.output.LayerNorm", bert_width
-        )
+            sd |= w.linear(f"{layer}.attention.self.{name}", width, width)
+        sd |= w.linear(f"{layer}.attention.output.dense", width, width)
+        sd |= w.norm(f"{layer}.attention.output.LayerNorm", width)
+        sd |= w.linear(f"{layer}.intermediate.dense", 2 * width, width)
+        sd |= w.linear(f"{layer}.output.dense", width, 2 * width) | w.norm(f"{layer}.output.LayerNorm", width)
     if proj == "mlp":
-        hidden = (bert_width + EMBED_DIM) // 2
-        sd |= linear("text.proj.0", hidden, bert_width, bias=False) | linear(
-            "text.proj.2", EMBED_DIM, hidden, bias=False
+        hidden = (width + EMBED_DIM) // 2
+        return (
+            sd
+            | w.linear("text.proj.0", hidden, width, bias=False)
+            | w.linear("text.proj.2", EMBED_DIM, hidden, bias=False)
         )
-    else:
-        sd |= linear("text.proj", EMBED_DIM, bert_width, bias=False)
+    return sd | w.linear("text.proj", EMBED_DIM, width, bias=False)
 
-    config = {
+
+def _open_clip_config(proj: str, pooler: str) -> dict:
+    biomedbert = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+    vit_kwargs = {"embed_dim": VIT_WIDTH, "depth": VIT_DEPTH, "num_heads": VIT_HEADS, "patch_size": PATCH}
+    return {
         "model_cfg": {
             "embed_dim": EMBED_DIM,
-            "vision_cfg": {
-                "timm_model_name": "vit_base_patch16_224",
-                "timm_model_pretrained": False,
-                "timm_pool": "",
-                "timm_proj": "linear",
-                "image_size": IMAGE,
-                "timm_model_kwargs": {
-                    "embed_dim": width,
-                    "depth": VIT_DEPTH,
-                    "num_heads": VIT_HEADS,
-                    "patch_size": PATCH,
-                },
-            },
-            "text_cfg": {
-                "hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
-                "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
-                "hf_proj_type": proj,
-                "hf_pooler_type": pooler,
-                "context_length": CONTEXT,
-            },
+            "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                           "timm_proj": "linear", "image_size": IMAGE, "timm_model_kwargs": vit_kwargs},
+            "text_cfg": {"hf_model_name": biomedbert, "hf_tokenizer_name": biomedbert, "hf_proj_type": proj,
+                         "hf_pooler_type": pooler, "context_length": CONTEXT},
         },
         "preprocess_cfg": {"mean": list(MEAN), "std": list(STD)},
     }
-    (folder / "open_clip_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
+def _fabricate(folder, report_texts, *, bert_width=32, bert_heads=4, proj="mlp", pooler="cls_last_hidden_state_pooler",
+               weights="safetensors", write_bert_config=True):
+    """A tiny checkpoint in open_clip's BiomedCLIP layout; returns its state dict and BERT config."""
+    vocab = _vocab(report_texts)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    random_weights = _RandomWeights()
+    sd = _vit_state(random_weights) | _bert_state(random_weights, len(vocab), bert_width, proj)
+    bert = BertConfig(vocab_size=len(vocab), hidden_size=bert_width, num_hidden_layers=BERT_LAYERS,
+                      num_attention_heads=bert_heads, intermediate_size=2 * bert_width, max_position_embeddings=40)
+    (folder / "open_clip_config.json").write_text(json.dumps(_open_clip_config(proj, pooler)), encoding="utf-8")
     if write_bert_config:
         bert.save_pretrained(folder)
     if weights == "safetensors":

@@ -191,9 +191,25 @@ def _missing_decoder_message(path: str, transfer_syntax: Any, decoder: Any) -> s
 
 
 def _read_dicom(path: str, frame: int | None, has_preamble: bool, max_pixels: int | None) -> np.ndarray:
-    pydicom = _import_optional("pydicom")
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder, pixel_array
+    ds = _open_dicom(path, has_preamble)
+    transfer_syntax = _decodable_transfer_syntax(path, ds)
+    _check_frame(frame, int(ds.get("NumberOfFrames") or 1), path)
+    _check_pixels(path, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0), max_pixels)
+    from pydicom.pixels import pixel_array
 
+    try:
+        pixels = pixel_array(ds, index=frame)
+    except Exception as err:
+        raise ImageLoadError(
+            f"Could not decode the '{transfer_syntax.name}' pixel data of {path} "
+            f"({type(err).__name__}: {err}); the file is probably truncated or corrupt."
+        ) from err
+    return _dicom_gray(path, ds, pixels)
+
+
+def _open_dicom(path: str, has_preamble: bool):
+    """The DICOM dataset of `path`, which must hold pixel data (a truncated file is called truncated)."""
+    pydicom = _import_optional("pydicom")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -216,6 +232,13 @@ def _read_dicom(path: str, frame: int | None, has_preamble: bool, max_pixels: in
             f"{path} has no (7FE0,0010) Pixel Data, so there is no image to load "
             f"(SOP class {ds.get('SOPClassUID', 'unknown')}).{hint}"
         )
+    return ds
+
+
+def _decodable_transfer_syntax(path: str, ds):
+    """The dataset's transfer syntax, if an installed pydicom decoder reads it (else which plugin to install)."""
+    from pydicom.pixels import get_decoder
+
     transfer_syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
     if transfer_syntax is None:
         raise ImageLoadError(f"{path} has no (0002,0010) Transfer Syntax UID, so its pixel data cannot be decoded.")
@@ -228,16 +251,13 @@ def _read_dicom(path: str, frame: int | None, has_preamble: bool, max_pixels: in
         ) from err
     if not decoder.is_available:
         raise ImageLoadError(_missing_decoder_message(path, transfer_syntax, decoder))
+    return transfer_syntax
 
-    _check_frame(frame, int(ds.get("NumberOfFrames") or 1), path)
-    _check_pixels(path, int(ds.get("Columns") or 0), int(ds.get("Rows") or 0), max_pixels)
-    try:
-        pixels = pixel_array(ds, index=frame)
-    except Exception as err:
-        raise ImageLoadError(
-            f"Could not decode the '{transfer_syntax.name}' pixel data of {path} "
-            f"({type(err).__name__}: {err}); the file is probably truncated or corrupt."
-        ) from err
+
+def _dicom_gray(path: str, ds, pixels: np.ndarray) -> np.ndarray:
+    """Decoded DICOM pixels as [0, 1] grayscale, bone bright: Modality and VOI LUTs (or window) for monochrome
+    images, MONOCHROME1 inverted; palette and RGB images as luma."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric in ("MONOCHROME1", "MONOCHROME2"):

@@ -380,32 +380,13 @@ def _prepare(source, output, options: PrepareOptions | None, num_workers: int | 
                        split_source=None if options.split == "auto" else options.split)
     by_split, dropped, split_source = plan_rows(read, options)
     shards = _shard_plan(by_split, options.shard_size)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "source": str(source),
-        "layout": read.layout,
-        "variant": read.variant,
-        "image_root": str(Path(read.image_root).resolve())
-        if options.image_size is None and not options.text_only
-        else ".",
-        "options": asdict(options),
-        "split_source": split_source,
-        "has_patient_ids": read.has_patient_ids,
-        "source_files": read.source_files,
-        "shards": [shard["name"] for shard in shards],
-        "plan_digest": _digest({"rows": by_split, "shards": shards}),
-    }
+    manifest = _manifest(source, read, options, split_source, by_split, shards)
     _check_or_start(output, manifest)
     features = _features(options, _label_kind(by_split))
     remove_partial_writes(output)  # files a killed run was writing (finished ones are kept and reused)
     (output / "data").mkdir(exist_ok=True)
     (output / "shards").mkdir(exist_ok=True)
-    image_root = Path(read.image_root)
-
-    def complete(shard) -> bool:
-        return (output / "shards" / f"{shard['name']}.json").is_file()
-
-    todo = [shard for shard in shards if not complete(shard)]
+    todo = [shard for shard in shards if not (output / "shards" / f"{shard['name']}.json").is_file()]
     workers = num_workers or os.cpu_count() or 1
     pool = ProcessPoolExecutor(workers) if workers > 1 and not options.text_only else None
     total_images = sum(
@@ -416,29 +397,7 @@ def _prepare(source, output, options: PrepareOptions | None, num_workers: int | 
     try:
         for shard in todo:
             rows = by_split[shard["split"]][shard["start"] : shard["stop"]]
-            problems: dict[str, list[str]] = {}
-            if options.text_only:
-                out = rows
-            else:
-                tasks = []
-                for row in rows:
-                    for relative in [row["image_source"]] if options.unit == "image" else row["image_sources"]:
-                        destination = None
-                        if options.image_size is not None:
-                            destination = str(output / _prepared_image_path(relative, options.image_format))
-                        tasks.append(
-                            (str(image_root / relative), destination, options.image_size, options.image_format)
-                        )
-                mapped = pool.map(_process_image, tasks, chunksize=4) if pool else map(_process_image, tasks)
-                results = []
-                for result in mapped:
-                    results.append(result)
-                    bar.update(1)
-                out = _shard_rows(rows, results, options, problems)
-            if out:
-                _write_parquet(out, features, output / "data" / f"{shard['name']}.parquet")
-            atomic_write_json(output / "shards" / f"{shard['name']}.json",
-                              {"rows": len(out), "planned": len(rows), "dropped": problems}, indent=2, sort_keys=True)
+            _prepare_shard(shard, rows, options, output, Path(read.image_root), features, pool, bar)
     finally:
         bar.close()
         if pool is not None:
@@ -447,6 +406,50 @@ def _prepare(source, output, options: PrepareOptions | None, num_workers: int | 
     summary = _summarise(output, manifest, shards, dropped, resumed_shards=len(shards) - len(todo))
     atomic_write_json(output / SUMMARY, summary, indent=2, sort_keys=True)
     return summary
+
+
+def _manifest(source: Path, read: CorpusRead, options: PrepareOptions, split_source: str, by_split, shards) -> dict:
+    """What makes the prepared folder (prepare.json): a resumed run must match it."""
+    keep_images_in_place = options.image_size is None and not options.text_only
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": str(source),
+        "layout": read.layout,
+        "variant": read.variant,
+        "image_root": str(Path(read.image_root).resolve()) if keep_images_in_place else ".",
+        "options": asdict(options),
+        "split_source": split_source,
+        "has_patient_ids": read.has_patient_ids,
+        "source_files": read.source_files,
+        "shards": [shard["name"] for shard in shards],
+        "plan_digest": _digest({"rows": by_split, "shards": shards}),
+    }
+
+
+def _prepare_shard(shard: dict, rows: list[dict], options: PrepareOptions, output: Path, image_root: Path, features,
+                   pool, bar) -> None:
+    """Check (and resize) the shard's images, then write its parquet file and, last, its commit mark."""
+    problems: dict[str, list[str]] = {}
+    if options.text_only:
+        out = rows
+    else:
+        tasks = []
+        for row in rows:
+            for relative in [row["image_source"]] if options.unit == "image" else row["image_sources"]:
+                destination = None
+                if options.image_size is not None:
+                    destination = str(output / _prepared_image_path(relative, options.image_format))
+                tasks.append((str(image_root / relative), destination, options.image_size, options.image_format))
+        mapped = pool.map(_process_image, tasks, chunksize=4) if pool else map(_process_image, tasks)
+        results = []
+        for result in mapped:
+            results.append(result)
+            bar.update(1)
+        out = _shard_rows(rows, results, options, problems)
+    if out:
+        _write_parquet(out, features, output / "data" / f"{shard['name']}.parquet")
+    atomic_write_json(output / "shards" / f"{shard['name']}.json",
+                      {"rows": len(out), "planned": len(rows), "dropped": problems}, indent=2, sort_keys=True)
 
 
 def _summarise(output: Path, manifest: dict, shards: list[dict], dropped: dict, resumed_shards: int) -> dict:

@@ -93,9 +93,23 @@ def run_evaluation(
         raise ValueError("Study `uid`s must be unique.")
 
     from ..augment.variants import TRAINING_FAMILIES
-    from .heldout_variants import HELDOUT_NEGATIVE_FAMILIES, HELDOUT_POSITIVE_FAMILIES, build_heldout_triplets
+    from .heldout_variants import HELDOUT_NEGATIVE_FAMILIES, HELDOUT_POSITIVE_FAMILIES
 
-    # Task inputs are built once so that every model sees exactly the same queries.
+    inputs = _task_inputs(tasks, rows, seed, triplets, ordering_suite)
+    run = _task_runners(rows, reports, inputs, seed, label_prompts)
+    models = {name: {task: run[task](model) for task in tasks} for name, model in encoders.items()}
+    families = {
+        "evaluation": {"positive": sorted(HELDOUT_POSITIVE_FAMILIES),
+                       "negative": sorted(inputs.get("error_discrimination", HELDOUT_NEGATIVE_FAMILIES))},
+        "training_families_not_used_here": list(TRAINING_FAMILIES),
+    }
+    return {"seed": seed, "num_studies": len(rows), "tasks": tasks, "variant_families": families, "models": models}
+
+
+def _task_inputs(tasks: list[str], rows: list, seed: int, triplets, ordering_suite) -> dict:
+    """What the tasks score models on, built once so that every model sees exactly the same queries."""
+    from .heldout_variants import HELDOUT_NEGATIVE_FAMILIES, build_heldout_triplets
+
     inputs = {}
     if "error_discrimination" in tasks:
         if triplets is not None:
@@ -116,6 +130,11 @@ def run_evaluation(
         if missing is not None:
             raise ValueError(f"Task 'zero_shot_labels' needs a `Problems` column; study {missing!r} has none.")
         inputs["zero_shot_labels"] = {str(row["uid"]): parse_problems(row["Problems"]) for row in rows}
+    return inputs
+
+
+def _task_runners(rows: list, reports: dict, inputs: dict, seed: int, label_prompts) -> dict:
+    """{task: model -> its metrics}."""
 
     def findings_to_impression(model):
         strict = findings_to_impression_retrieval(model, rows, duplicate_rule="collapse", ks=RECALL_KS)
@@ -133,7 +152,7 @@ def run_evaluation(
             "per_family": per_family,
         }
 
-    run = {
+    return {
         "findings_to_impression": findings_to_impression,
         "paraphrase": lambda model: paraphrase_retrieval(model, reports, seed=seed, ks=RECALL_KS),
         "error_discrimination": errors,
@@ -143,13 +162,6 @@ def run_evaluation(
             model, reports, inputs["zero_shot_labels"], label_prompts
         ),
     }
-    models = {name: {task: run[task](model) for task in tasks} for name, model in encoders.items()}
-    families = {
-        "evaluation": {"positive": sorted(HELDOUT_POSITIVE_FAMILIES),
-                       "negative": sorted(inputs.get("error_discrimination", HELDOUT_NEGATIVE_FAMILIES))},
-        "training_families_not_used_here": list(TRAINING_FAMILIES),
-    }
-    return {"seed": seed, "num_studies": len(rows), "tasks": tasks, "variant_families": families, "models": models}
 
 
 def _cell(metrics: Mapping, task: str, dotted_key: str) -> str:
