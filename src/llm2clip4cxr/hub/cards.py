@@ -250,7 +250,24 @@ def model_card(
         "Trained with the `llm2clip4cxr` recipes (`training/train_text_encoder.py` for the text encoder, "
         "`training/train_clip.py` for the image-text model); see the package's training documentation."
     )
-    if kind == "llm2vec4cxr":
+    template, extra = _template_fields(config, results)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path(template)),
+        model_name=model_name,
+        repo_id=repo_id,
+        base_model=base_model,
+        adapter=adapter,
+        training_description=training_description,
+        evaluation_table=_evaluation_text(results) if results is not None else None,
+        data_description=_data_text(results),
+        **extra,
+    )
+
+
+def _template_fields(config, results: Mapping | None) -> tuple[str, dict]:
+    """The card template of the checkpoint's kind and the fields only that template has."""
+    if config.model_type == "llm2vec4cxr":
         backbone = config.backbone_config
         template, extra = TEXT_TEMPLATE, {
             "pooling_mode": config.pooling_mode,
@@ -272,18 +289,7 @@ def model_card(
                 f"{vision.hidden_size}. Shared embedding size {config.projection_dim}."
             ),
         }
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template_path(template)),
-        model_name=model_name,
-        repo_id=repo_id,
-        base_model=base_model,
-        adapter=adapter,
-        training_description=training_description,
-        evaluation_table=_evaluation_text(results) if results is not None else None,
-        data_description=_data_text(results),
-        **extra,
-    )
+    return template, extra
 
 
 def text_model_card(summary: dict, model_name: str, repo_id: str, this_model: str, config) -> ModelCard:
