@@ -1,4 +1,4 @@
-"""The prepare step on FABRICATED layouts (tests/test_corpora.py) and the real Open-I files."""
+"""The prepare step on FABRICATED layouts (tests/data/test_corpora.py) and the real Open-I files."""
 
 import json
 import os
