@@ -794,7 +794,7 @@ NEGATIVE_GENERATORS: dict[str, Generator] = {
 
 
 # Every family a model of this package can be trained on: the rule generators above, the real
-# findings<->impression pairs of a study, and the compositional synthetic reports (`synthetic_reports`).
+# findings<->impression pairs of a study, and the compositional synthetic reports (`augment.synthetic`).
 # Evaluation uses other families (`evaluation.heldout_variants`); a model card names the ones it used.
 TRAINING_FAMILIES = (*POSITIVE_GENERATORS, *NEGATIVE_GENERATORS, "findings_impression", "synthetic_compositional")
 

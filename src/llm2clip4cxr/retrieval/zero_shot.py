@@ -7,7 +7,7 @@ A saved LLM2CLIP4CXR checkpoint also answers `pipeline("zero-shot-image-classifi
 trust_remote_code=True)`: its config registers the custom pipeline class shipped beside its model code
 (`modeling/pipeline_llm2clip4cxr.py`), which prompts through the processor (with its `default_instruction`)
 and gives the same scores as this function with one template (tested). Use this function for prompt
-ensembling over several templates and for DICOM/16-bit paths, which it reads with `imaging.load_image`.
+ensembling over several templates and for DICOM/16-bit paths, which it reads with `data.imaging.load_image`.
 """
 
 from collections.abc import Sequence

@@ -267,7 +267,7 @@ def apply_text_lora(model: LLM2CLIP4CXRModel, r: int = 16, alpha: int = 32, drop
 class ClipCollator:
     """Turns rows `{"image": path, "findings", "impression"[, "label"][, "index"]}` into a batch.
 
-    Images are read with `imaging.load_image` and prepared by the processor. Without `text_embeddings`
+    Images are read with `data.imaging.load_image` and prepared by the processor. Without `text_embeddings`
     a caption is drawn per row and call with `build_caption` (so each epoch sees other captions) and
     tokenized; with them, row `index` of `text_embeddings` is emitted as `text_embeds_cached` and no
     text is tokenized. `label` (an int class, 0 = normal) becomes `labels`.
