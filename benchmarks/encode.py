@@ -75,16 +75,8 @@ def main():
           f"random Llama-style backbone hidden {args.hidden_size} x {args.layers} layers")
     for pooling_mode in ("mean", "latent_attention"):
         transformers.set_seed(0)
-        model = build_text_encoder(
-            tokenizer,
-            pooling_mode=pooling_mode,
-            backbone_kwargs={
-                "hidden_size": args.hidden_size,
-                "num_layers": args.layers,
-                "num_heads": 4,
-                "num_kv_heads": 4,
-            },
-        ).eval()
+        size = dict(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4, num_kv_heads=4)
+        model = build_text_encoder(tokenizer, pooling_mode=pooling_mode, backbone_kwargs=size).eval()
         model.encode(texts[:64], instruction=INSTRUCTION, batch_size=args.batch_size)  # warm-up
         _, naive_seconds = timed(lambda: naive_backbone(model, texts, args.batch_size))
         _, encode_seconds = timed(

@@ -40,16 +40,8 @@ ROLES = ("anchor", "positive", "negative")
 def contrastive_seconds(args, tokenizer, triplets, pooling_mode: str, bucket_rows: int, mini_batch_size):
     """(seconds per contrastive step, the model it trained) for one way of batching the forward pass."""
     transformers.set_seed(0)
-    model = build_text_encoder(
-        tokenizer,
-        pooling_mode=pooling_mode,
-        backbone_kwargs={
-            "hidden_size": args.hidden_size,
-            "num_layers": args.layers,
-            "num_heads": 4,
-            "num_kv_heads": 4,
-        },
-    ).train()
+    size = dict(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=4, num_kv_heads=4)
+    model = build_text_encoder(tokenizer, pooling_mode=pooling_mode, backbone_kwargs=size).train()
     st_model = sentence_transformer_for(model, bucket_rows=bucket_rows)
     loss_fn = contrastive_loss(st_model, args.batch_size, mini_batch_size, gather_across_devices=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
