@@ -59,13 +59,20 @@ def checkpoints(make_model, processor, tmp_path):
     return default_model_path("text"), tmp_path / "clip"
 
 
-@pytest.mark.parametrize("first", ["llm2clip4cxr", "transformers"])
-def test_auto_classes_load_the_package_classes_whichever_is_imported_first(checkpoints, first):
+IMPORT_ORDERS = {
+    "llm2clip4cxr first": "import llm2clip4cxr\nimport transformers\n",
+    "transformers first": "import transformers\nimport llm2clip4cxr\n",
+    # transformers first imported from inside the package's own model code (registration must wait for it)
+    "a model class first": "from llm2clip4cxr import LLM2CLIP4CXRModel\n",
+    "a model module first": "import llm2clip4cxr.modeling.modeling_llm2vec4cxr\n",
+    "a training module first": "from llm2clip4cxr.training.factory import build_text_encoder\n",
+}
+
+
+@pytest.mark.parametrize("imports", IMPORT_ORDERS.values(), ids=IMPORT_ORDERS)
+def test_auto_classes_load_the_package_classes_whichever_is_imported_first(checkpoints, imports):
     """The README contract: `import llm2clip4cxr` is all a user adds to load a checkpoint with its own classes,
     never the folder's copy of the model code."""
-    imports = "import llm2clip4cxr\nimport transformers\n"
-    if first == "transformers":
-        imports = "import transformers\nimport llm2clip4cxr\n"
     assert json.loads(fresh_python(imports + LOAD_CHECKPOINTS, *checkpoints)) == EXPECTED
 
 

@@ -15,7 +15,9 @@ are imported:
   sees no other import and costs nothing afterwards.
 
 A PEP 562 `__getattr__` alone would not do: `import llm2clip4cxr; AutoModel.from_pretrained(...)` touches no
-attribute of the package.
+attribute of the package. The registration imports every model module, so none may be half-imported when it
+runs: `llm2clip4cxr.modeling`'s `__init__` imports transformers before any model module starts (the first import
+of transformers may come from one of them).
 """
 
 import contextlib
