@@ -10,7 +10,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from llm2clip4cxr.data import load_text_dataset
@@ -166,6 +166,7 @@ def lines_of(text: str) -> list[str]:
 
 @SETTINGS
 @given(text=st.text(st.characters(exclude_categories=("Cs",))), bom=st.booleans(), edits=st.none() | damage)
+@example(text="", bom=True, edits=[(1, b""), (1, b"")])  # a BOM cut to its first byte: not UTF-8, not an empty file
 def test_text_files_are_read_as_lines_or_refused(text, bom, edits):
     data = (BOM if bom else b"") + text.encode("utf-8")
     if edits is None:

@@ -221,11 +221,14 @@ def read_text_lines(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file.")
+    raw = path.read_bytes()
+    # Not open(encoding="utf-8-sig"): its decoder silently drops a file's last bytes when they are the start of a
+    # BOM (a file holding just b"\xef" reads as ""), so a truncated file would pass as an empty one.
     try:
-        with open(path, encoding="utf-8-sig", newline=None) as handle:  # newline=None: \r\n and \r read as \n
-            lines = handle.read().split("\n")
+        text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
     except UnicodeDecodeError:
         raise bad_utf8_error(path) from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return lines[:-1] if lines[-1] == "" else lines
 
 
