@@ -36,6 +36,7 @@ _TABLE_COLUMNS = (
     ("findings_to_impression", "recall@1", "F→I R@1 (strict)"),
     ("findings_to_impression", "recall@10", "F→I R@10 (strict)"),
     ("findings_to_impression", "mrr", "F→I MRR (strict)"),
+    ("findings_to_impression", "unique_impressions.recall@1", "F→I R@1 (unique impressions)"),
     ("findings_to_impression", "count_as_relevant.recall@1", "F→I R@1 (duplicates as hits)"),
     ("paraphrase", "recall@1", "Para R@1"),
     ("paraphrase", "mrr", "Para MRR"),
@@ -169,6 +170,8 @@ def results_markdown(results: Mapping) -> str:
         task = first["findings_to_impression"]
         notes.append(f"F→I: findings→impression retrieval, {task['num_queries']} queries; strict = one relevant "
                      f"target among {task['num_corpus']} unique impressions (identical impressions collapsed); "
+                     f"'unique impressions' keeps the {task.get('unique_impressions', {}).get('num_queries', 0)} "
+                     "queries whose impression no other study shares (mostly abnormal studies); "
                      "'duplicates as hits' keeps every copy and counts each as relevant (flatters common normal "
                      "impressions).")
     if "paraphrase" in first:

@@ -48,7 +48,15 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .metrics import relevant_with_duplicates, retrieval_metrics
+from collections import Counter
+
+from .metrics import (
+    first_relevant_ranks,
+    metrics_from_ranks,
+    normalize_report_text,
+    relevant_with_duplicates,
+    retrieval_metrics,
+)
 
 Encoder = Callable[[Sequence[str]], np.ndarray]
 
@@ -153,10 +161,18 @@ def findings_to_impression_retrieval(
         duplicate_rule,
     )
     scores = score_matrix(encoder, [study["findings"] for study in studies], [study["impression"] for study in studies])
-    metrics = retrieval_metrics(resolution.select(scores), ids, resolution.corpus_ids, resolution.relevant, ks=ks)
+    ranks = first_relevant_ranks(resolution.select(scores), ids, resolution.corpus_ids, resolution.relevant)
+    metrics = metrics_from_ranks(ranks, ks)
     metrics["num_queries"] = len(ids)
     metrics["num_corpus"] = len(resolution.corpus_ids)
     metrics["duplicate_rule"] = duplicate_rule
+    # The queries whose impression no other study shares: mostly abnormal studies, where the impression
+    # restates specific findings. A model that only learned to put common normal impressions first scores
+    # well overall and poorly here.
+    counts = Counter(normalize_report_text(study["impression"]) for study in studies)
+    unique = np.array([counts[normalize_report_text(study["impression"])] == 1 for study in studies])
+    if unique.any():
+        metrics["unique_impressions"] = {**metrics_from_ranks(ranks[unique], ks), "num_queries": int(unique.sum())}
     return metrics
 
 
