@@ -65,6 +65,8 @@ class RecipeArguments:
                                                         "each study (a symmetric loss)"})
     synthetic_triplets: int = field(default=0, metadata={"help": "contrastive: add this many compositional synthetic "
                                                         "triplets (llm2clip4cxr.synthetic_reports)"})
+    stop_after_steps: int | None = field(default=None, metadata={"help": "stop at this step (the learning-rate "
+                                                              "schedule still spans --max_steps)"})
     bucket_rows: int = field(default=32, metadata={"help": "contrastive: rows per length-sorted forward bucket"})
     pooling_mode: str = field(default="mean", metadata={"help": "pooling head when starting from a plain decoder"})
     mask_probability: float = field(default=0.2, metadata={"help": "MNTP: fraction of tokens masked"})
@@ -193,6 +195,19 @@ def train_contrastive(args: RecipeArguments, training_args, encoder, train_datas
     )
 
 
+class StopAfterSteps(transformers.TrainerCallback):
+    """Ends training at a given step, leaving the schedule of --max_steps as it was (a shortened run that
+    reproduces step N of the longer one)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
 def main(argv=None) -> str:
     args, training_args = parse_recipe_arguments(RecipeArguments, argv)
     if args.stage not in ("mntp", "contrastive", "simcse"):
@@ -222,6 +237,8 @@ def main(argv=None) -> str:
         if args.stage == "simcse":
             set_attention_dropout(encoder, args.simcse_dropout)
         trainer = train_contrastive(args, training_args, encoder, train_dataset, eval_dataset)
+    if args.stop_after_steps:
+        trainer.add_callback(StopAfterSteps(args.stop_after_steps))
     resume_from = last_complete_checkpoint(training_args.output_dir, remove_incomplete=True) if args.resume else None
     trainer.train(resume_from_checkpoint=resume_from)
     if args.lora:
