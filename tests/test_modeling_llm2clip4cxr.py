@@ -155,6 +155,7 @@ def test_save_and_auto_model_round_trip(make_model, processor, reports, tmp_path
     assert config["auto_map"] == {
         "AutoConfig": "configuration_llm2clip4cxr.LLM2CLIP4CXRConfig",
         "AutoModel": "modeling_llm2clip4cxr.LLM2CLIP4CXRModel",
+        "AutoModelForZeroShotImageClassification": "modeling_llm2clip4cxr.LLM2CLIP4CXRModel",
     }
     assert config["text_config"]["backbone_config"]["is_causal"] is False
     loaded = AutoModel.from_pretrained(tmp_path)
