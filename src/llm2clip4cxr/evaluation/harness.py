@@ -116,10 +116,9 @@ def run_evaluation(
         inputs["zero_shot_labels"] = {str(row["uid"]): parse_problems(row["Problems"]) for row in rows}
 
     def findings_to_impression(model):
-        strict = findings_to_impression_retrieval(model, rows, duplicate_rule="collapse", ks=RECALL_KS)
-        lenient = findings_to_impression_retrieval(model, rows, duplicate_rule="count_as_relevant", ks=RECALL_KS)
-        strict["count_as_relevant"] = {key: lenient[key] for key in (*(f"recall@{k}" for k in RECALL_KS), "mrr")}
-        return strict
+        return findings_to_impression_retrieval(
+            model, rows, duplicate_rule="collapse", ks=RECALL_KS, also_rules=("count_as_relevant",)
+        )
 
     def errors(model):
         per_family = {family: error_discrimination(model, built) for family, built in inputs["error_discrimination"].items()}
