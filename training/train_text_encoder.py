@@ -190,7 +190,18 @@ def train_contrastive(args: RecipeArguments, training_args, encoder, train_datas
         )
         for name in train_dataset
     }
-    return SentenceTransformerTrainer(
+    class ContrastiveTrainer(SentenceTransformerTrainer):
+        def _load_from_checkpoint(self, checkpoint_path, model=None):
+            # sentence-transformers resumes by re-importing the checkpoint's modules.json classes, mapping only
+            # subclasses of its own Module to the ones in memory. LLM2Vec4CXRSentenceEncoder is duck-typed (its
+            # remote-code file imports no sentence_transformers), so resuming raised "pass trust_remote_code":
+            # load the weights through the encoder's own from_pretrained instead.
+            if args.lora:
+                return super()._load_from_checkpoint(checkpoint_path)
+            saved = type(encoder).from_pretrained(checkpoint_path)
+            encoder.load_state_dict(saved.state_dict())
+
+    return ContrastiveTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset, loss=losses,
     )
 
