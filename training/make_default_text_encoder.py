@@ -62,6 +62,12 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=128, help="contrastive rows per step")
     parser.add_argument("--variants-per-report", type=int, default=4)
     parser.add_argument("--synthetic-triplets", type=int, default=12000)
+    parser.add_argument("--stop-after-steps", type=int, default=None,
+                        help="end the contrastive stage at this step (its schedule still spans --contrastive-steps)")
+    parser.add_argument("--evaluate-only", metavar="MODEL_DIR",
+                        help="skip training: evaluate (and with --install, ship) an already trained model")
+    parser.add_argument("--training-minutes", type=float, default=None,
+                        help="with --evaluate-only: the training's wall time, for the model card")
     parser.add_argument("--install", action="store_true", help="copy the result into the package")
     parser.add_argument("--resume", action="store_true", help="resume interrupted stages from their checkpoints")
     args = parser.parse_args(argv)
@@ -73,6 +79,10 @@ def main(argv=None):
     train_rows, validation_rows = split_by_study(rows, VALIDATION_FRACTION, SEED)
     print(f"{len(train_rows)} training and {len(validation_rows)} held-out studies", flush=True)
 
+    if args.evaluate_only:
+        return evaluate_and_install(
+            Path(args.evaluate_only), args, train_rows, validation_rows, output, minutes=args.training_minutes
+        )
     transformers.set_seed(SEED)
     train_texts = [harness.report_text(row) for row in train_rows]
     # Synthetic text (another seed than training's) gives device and finding words their own tokens.
@@ -105,18 +115,23 @@ def main(argv=None):
         "--batch_sampler", "no_duplicates", "--multi_dataset_batch_sampler", "round_robin",
         "--instruction", INSTRUCTION, "--instruction_name", INSTRUCTION_NAME,
         "--variants_per_report", str(args.variants_per_report), "--synthetic_triplets", str(args.synthetic_triplets),
-        *common,
+        *(["--stop_after_steps", str(args.stop_after_steps)] if args.stop_after_steps else []), *common,
     ])
     minutes = round((time.time() - started) / 60, 1)
+    return evaluate_and_install(Path(contrastive), args, train_rows, validation_rows, output, minutes)
 
-    model = LLM2Vec4CXRModel.from_pretrained(contrastive).eval()
+
+def evaluate_and_install(model_dir: Path, args, train_rows, validation_rows, output: Path, minutes):
+    """The harness on the held-out studies next to the baselines; results.json; with --install, the shipped copy."""
+    output.mkdir(parents=True, exist_ok=True)
+    model = LLM2Vec4CXRModel.from_pretrained(model_dir).eval()
     dense = llm2vec_encoder(model)  # the trained instruction is the model's default
     encoders = {
         "tfidf": baselines.tfidf_encoder([harness.report_text(row) for row in validation_rows]),
         "bm25": baselines.bm25_scorer(),
         "all-MiniLM-L6-v2": baselines.minilm_encoder(),
         MODEL_NAME: dense,
-        f"hybrid ({MODEL_NAME} + bm25, rrf)": HybridScorer(dense),
+        f"hybrid ({MODEL_NAME} + bm25, normalized)": HybridScorer(dense, method="normalized"),
     }
     results = harness.run_evaluation(encoders, validation_rows, seed=SEED)
     results["data"] = {
@@ -125,13 +140,15 @@ def main(argv=None):
         "split": f"{VALIDATION_FRACTION:.0%} of studies held out, seed {SEED}",
     }
     results["training"] = {
-        "mntp_steps": args.mntp_steps, "contrastive_steps": args.contrastive_steps, "batch_size": args.batch_size,
+        "mntp_steps": args.mntp_steps, "contrastive_steps": args.stop_after_steps or args.contrastive_steps,
+        "contrastive_schedule_steps": args.contrastive_steps, "batch_size": args.batch_size,
         "variants_per_report": args.variants_per_report, "synthetic_triplets": args.synthetic_triplets,
         "instruction": INSTRUCTION, "seed": SEED, "minutes": minutes,
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if not torch.cuda.is_available()
         else torch.cuda.get_device_name(),
         "families": [*POSITIVE_GENERATORS, *NEGATIVE_GENERATORS, "findings_impression", SYNTHETIC_FAMILY],
-        "command": "python training/make_default_text_encoder.py --install",
+        "command": "python training/make_default_text_encoder.py --install"
+        + (f" --stop-after-steps {args.stop_after_steps}" if args.stop_after_steps else ""),
     }
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(harness.results_markdown(results), flush=True)

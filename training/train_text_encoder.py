@@ -83,6 +83,8 @@ class RecipeArguments:
                                                         "each study (a symmetric loss)"})
     synthetic_triplets: int = field(default=0, metadata={"help": "contrastive: add this many compositional synthetic "
                                                         "triplets (llm2clip4cxr.augment.synthetic)"})
+    stop_after_steps: int | None = field(default=None, metadata={"help": "stop at this step (the learning-rate "
+                                                              "schedule still spans --max_steps)"})
     bucket_rows: int = field(default=32, metadata={"help": "contrastive: rows per length-sorted forward bucket"})
     pooling_mode: str = field(default="mean", metadata={"help": "pooling head when starting from a plain decoder"})
     mask_probability: float = field(default=0.2, metadata={"help": "MNTP: fraction of tokens masked"})
@@ -215,9 +217,34 @@ def train_contrastive(args: RecipeArguments, training_args, encoder, train_datas
         )
         for name in train_dataset
     }
-    return SentenceTransformerTrainer(
+
+    class ContrastiveTrainer(SentenceTransformerTrainer):
+        def _load_from_checkpoint(self, checkpoint_path, model=None):
+            # sentence-transformers resumes by re-importing the checkpoint's modules.json classes, mapping only
+            # subclasses of its own Module to the ones in memory. LLM2Vec4CXRSentenceEncoder is duck-typed (its
+            # remote-code file imports no sentence_transformers), so resuming raised "pass trust_remote_code":
+            # load the weights through the encoder's own from_pretrained instead.
+            if args.lora:
+                return super()._load_from_checkpoint(checkpoint_path)
+            saved = type(encoder).from_pretrained(checkpoint_path)
+            encoder.load_state_dict(saved.state_dict())
+
+    return ContrastiveTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset, loss=losses,
     )
+
+
+class StopAfterSteps(transformers.TrainerCallback):
+    """Ends training at a given step, leaving the schedule of --max_steps as it was (a shortened run that
+    reproduces step N of the longer one)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
 
 
 def main(argv=None) -> str:
@@ -249,6 +276,8 @@ def main(argv=None) -> str:
         if args.stage == "simcse":
             set_attention_dropout(encoder, args.simcse_dropout)
         trainer = train_contrastive(args, training_args, encoder, train_dataset, eval_dataset)
+    if args.stop_after_steps:
+        trainer.add_callback(StopAfterSteps(args.stop_after_steps))
     resume_from = last_complete_checkpoint(training_args.output_dir, remove_incomplete=True) if args.resume else None
     trainer.train(resume_from_checkpoint=resume_from)
     if args.lora:

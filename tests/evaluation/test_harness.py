@@ -183,6 +183,8 @@ def test_strict_findings_to_impression_counts_one_unique_target_per_query():
     assert strict["duplicate_rule"] == "collapse" and strict["num_corpus"] == 2 and lenient["num_corpus"] == 4
     assert strict["recall@1"] == pytest.approx(0.75) == lenient["recall@1"]
     assert strict["mean_rank"] == pytest.approx(1.25) and lenient["mean_rank"] == pytest.approx(1.25)
+    # Only study 3's impression is its own: the subset of queries with unique impressions is that one.
+    assert strict["unique_impressions"]["num_queries"] == 1 and strict["unique_impressions"]["recall@1"] == 1.0
     result = run_evaluation({"lookup": encoder}, studies, tasks=["findings_to_impression"])
     task = result["models"]["lookup"]["findings_to_impression"]
     assert task["recall@1"] == strict["recall@1"] and task["count_as_relevant"]["mrr"] == pytest.approx(lenient["mrr"])

@@ -58,7 +58,7 @@ def test_harness_results_become_the_model_index(harness_results):
         ("clinical_ordering", ("accuracy",)),
         ("zero_shot_labels", ("macro_auroc", "macro_f1")),
     ) for metric in metrics}
-    assert published(card) == expected  # headline metrics only: no counts, ranks or chance levels
+    assert published(card) == expected  # headline metrics only: no counts, ranks, spreads or chance levels
     assert {r.task_type for r in card.data.eval_results} == {"sentence-similarity"}
     # The table lists every model measured in the same run.
     assert "| tfidf |" in card.text and "| bm25 |" in card.text and "60 studies" in card.text

@@ -51,7 +51,7 @@ def test_load_by_repo_id_from_an_offline_cache(tmp_path):
            "HF_MODULES_CACHE": str(tmp_path / "modules")}
     env.pop("TRANSFORMERS_CACHE", None)
     model = load_default_text_encoder()
-    instruction = model.config.instructions["findings"]
+    instruction = model.config.default_instruction
     expected = model.encode(REPORTS, instruction=instruction)
     runs = {"package": ("1", BY_REPO_ID), "remote_code": ("0", REFUSE_PACKAGE + BY_REPO_ID)}
     processes = {

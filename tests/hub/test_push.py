@@ -69,7 +69,7 @@ def test_dry_run_on_the_shipped_default_prints_files_and_card_without_network(mo
     }
     shipped = json.loads((default_model_path("text") / "results.json").read_text())
     assert recall["recall@1"] == round(
-        shipped["results"]["LLM2Vec4CXR-tiny (default)"]["findings_to_impression"]["recall@1"], 4
+        shipped["models"]["LLM2Vec4CXR-tiny (default)"]["findings_to_impression"]["recall@1"], 4
     )
     assert 'AutoModel.from_pretrained("me/llm2vec4cxr-tiny")' in card.text
 

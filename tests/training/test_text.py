@@ -192,6 +192,28 @@ def test_contrastive_recipe_with_lora_writes_a_loadable_merged_encoder(saved_tin
     assert changed and all(name.startswith("model.layers.") for name in changed)  # LoRA targets only
 
 
+@needs_openi
+def test_contrastive_stage_resumes_to_the_weights_of_an_uninterrupted_run(saved_tiny_encoder, tmp_path):
+    train_text_encoder = import_recipe("train_text_encoder")
+
+    def run(output_dir, *extra):
+        return train_text_encoder.main([
+            "--stage", "contrastive", "--model_name_or_path", str(saved_tiny_encoder), "--reports", str(REPORTS_CSV),
+            "--validation_fraction", "0.95", "--output_dir", str(output_dir), "--max_steps", "4", "--save_steps", "2",
+            "--per_device_train_batch_size", "8", "--report_to", "none", "--disable_tqdm", "true", "--seed", "3",
+            "--instruction", "Find similar reports", "--use_cpu", "true", *extra,
+        ])
+
+    uninterrupted = LLM2Vec4CXRModel.from_pretrained(run(tmp_path / "whole"))
+    run(tmp_path / "cut", "--stop_after_steps", "2")
+    assert last_complete_checkpoint(tmp_path / "cut").endswith("checkpoint-2")
+    resumed = LLM2Vec4CXRModel.from_pretrained(run(tmp_path / "cut", "--resume", "true"))
+    state = json.loads((Path(last_complete_checkpoint(tmp_path / "cut")) / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    for name, weight in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], weight, msg=name)
+
+
 def test_simcse_views_differ_only_through_dropout(make_encoder, report_texts):
     encoder = make_encoder()
     batch = encoder.tokenize(report_texts[:2])

@@ -90,8 +90,8 @@ HYBRID.add_argument(
     help="fuse the dense ranking with BM25 (bm25s): scores become fusion scores (docs/retrieval.md)",
 )
 HYBRID.add_argument(
-    "--fusion", choices=("rrf", "normalized"), default="rrf",
-    help="--hybrid fusion: reciprocal-rank (default, k=60, equal weights) or min-max normalised scores",
+    "--fusion", choices=("rrf", "normalized"), default="normalized",
+    help="--hybrid fusion: min-max normalised scores, equal weights (default) or reciprocal-rank (k=60)",
 )
 
 

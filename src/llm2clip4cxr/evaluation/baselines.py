@@ -80,6 +80,10 @@ class BM25Scorer:
     """
 
     def __init__(self, k1: float = 1.5, b: float = 0.75) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("bm25s") is None:  # fail at construction, naming the eval extra
+            raise ImportError('The BM25 baseline needs `pip install "llm2clip4cxr[eval]"` (bm25s).')
         self.k1, self.b = k1, b
 
     def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:

@@ -44,13 +44,20 @@ Input formats (bring your own data in these):
 """
 
 import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from ..retrieval.encoders import Encoder
-from .metrics import relevant_with_duplicates, retrieval_metrics
+from .metrics import (
+    first_relevant_ranks,
+    metrics_from_ranks,
+    normalize_report_text,
+    relevant_with_duplicates,
+    retrieval_metrics,
+)
 
 
 @runtime_checkable
@@ -92,25 +99,37 @@ def studies_with_findings_and_impression(studies: Sequence[dict]) -> tuple[list[
 
 
 def findings_to_impression_retrieval(
-    encoder: Model, studies: Sequence[dict], duplicate_rule: str = "collapse", ks=(1, 5, 10)
+    encoder: Model, studies: Sequence[dict], duplicate_rule: str = "collapse", ks=(1, 5, 10), also_rules=()
 ) -> dict[str, float]:
     """Retrieve each study's impression from its findings. `studies`: dicts with `uid`, `findings`,
     `impression` (studies missing either are skipped). `duplicate_rule`: see the module docstring; the
-    result names it and the number of corpus entries."""
+    result names it and the number of corpus entries. Each rule of `also_rules` adds its recall@K and MRR
+    under its own key, scored from the same similarity matrix (the model encodes the texts once)."""
     studies, ids = studies_with_findings_and_impression(studies)
-    resolution = relevant_with_duplicates(
-        {uid: study["findings"] for uid, study in zip(ids, studies)},
-        {uid: study["impression"] for uid, study in zip(ids, studies)},
-        {uid: {uid} for uid in ids},
-        duplicate_rule,
-    )
-    scores = score_matrix(
-        encoder, [study["findings"] for study in studies], [study["impression"] for study in studies]
-    )
-    metrics = retrieval_metrics(resolution.select(scores), ids, resolution.corpus_ids, resolution.relevant, ks=ks)
+    queries = {uid: study["findings"] for uid, study in zip(ids, studies)}
+    corpus = {uid: study["impression"] for uid, study in zip(ids, studies)}
+    scores = score_matrix(encoder, list(queries.values()), list(corpus.values()))
+
+    def ranks_under(rule):
+        resolution = relevant_with_duplicates(queries, corpus, {uid: {uid} for uid in ids}, rule)
+        ranks = first_relevant_ranks(resolution.select(scores), ids, resolution.corpus_ids, resolution.relevant)
+        return ranks, len(resolution.corpus_ids)
+
+    ranks, num_corpus = ranks_under(duplicate_rule)
+    metrics = metrics_from_ranks(ranks, ks)
     metrics["num_queries"] = len(ids)
-    metrics["num_corpus"] = len(resolution.corpus_ids)
+    metrics["num_corpus"] = num_corpus
     metrics["duplicate_rule"] = duplicate_rule
+    # The queries whose impression no other study shares: mostly abnormal studies, where the impression
+    # restates specific findings. A model that only learned to put common normal impressions first scores
+    # well overall and poorly here.
+    counts = Counter(normalize_report_text(study["impression"]) for study in studies)
+    unique = np.array([counts[normalize_report_text(study["impression"])] == 1 for study in studies])
+    if unique.any():
+        metrics["unique_impressions"] = {**metrics_from_ranks(ranks[unique], ks), "num_queries": int(unique.sum())}
+    for rule in also_rules:
+        other = metrics_from_ranks(ranks_under(rule)[0], ks)
+        metrics[rule] = {key: other[key] for key in (*(f"recall@{k}" for k in ks), "mrr")}
     return metrics
 
 

@@ -52,6 +52,10 @@ class LLM2Vec4CXRConfig(PreTrainedConfig):
             Whether the backbone attends in both directions. Persisted as `backbone_config.is_causal`.
         instructions (`dict[str, str]`, *optional*):
             Named instructions, saved as sentence-transformers prompts.
+        default_instruction_name (`str`, *optional*):
+            The key of `instructions` that the checkpoint was trained with. `encode()`/`tokenize()` without
+            `instruction=` use it (`instruction=""` means none), and it is saved as sentence-transformers'
+            `default_prompt_name`, so `SentenceTransformer.encode` without a prompt uses it too.
         embed_mask_rule (`str`, *optional*, defaults to `"offsets"`):
             How the report's tokens are found after the instruction: `"offsets"` (exactly, by character
             offsets) or `"report_token_count"` (the published LLM2Vec4CXR's rule, kept by converted
@@ -74,6 +78,7 @@ class LLM2Vec4CXRConfig(PreTrainedConfig):
         bidirectional: bool = True,
         instructions: dict | None = None,
         embed_mask_rule: str = "offsets",
+        default_instruction_name: str | None = None,
         **kwargs,
     ):
         self.backbone_config = build_sub_config(
@@ -109,11 +114,24 @@ class LLM2Vec4CXRConfig(PreTrainedConfig):
         # what makes a reloaded checkpoint bidirectional (from_pretrained(is_causal=False) is dropped).
         self.backbone_config.is_causal = not bidirectional
         self.instructions = dict(instructions) if instructions else {}
+        if default_instruction_name is not None and default_instruction_name not in self.instructions:
+            raise ValueError(
+                f"`default_instruction_name` {default_instruction_name!r} is not a key of `instructions` "
+                f"{sorted(self.instructions)}; add it there or leave the default unset."
+            )
+        self.default_instruction_name = default_instruction_name
         if embed_mask_rule not in EMBED_MASK_RULES:
             raise ValueError(f"`embed_mask_rule` must be one of {EMBED_MASK_RULES}, got {embed_mask_rule!r}.")
         self.embed_mask_rule = embed_mask_rule
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
+
+    @property
+    def default_instruction(self) -> str | None:
+        """The instruction the checkpoint was trained with (`instructions[default_instruction_name]`), or None."""
+        if self.default_instruction_name is None:
+            return None
+        return self.instructions.get(self.default_instruction_name)
 
     @property
     def hidden_size(self) -> int:

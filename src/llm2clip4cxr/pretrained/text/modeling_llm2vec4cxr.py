@@ -9,6 +9,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -122,10 +123,15 @@ def prepare_report_tokenizer(tokenizer, instruction_separator: str = DEFAULT_INS
 
 
 def split_instruction(
-    texts: Sequence[str], instruction: str | None = None, instruction_separator: str = DEFAULT_INSTRUCTION_SEPARATOR
+    texts: Sequence[str],
+    instruction: str | None = None,
+    instruction_separator: str = DEFAULT_INSTRUCTION_SEPARATOR,
+    *,
+    default_instruction: str | None = None,
 ) -> list[tuple[str, str]]:
     """Split each text into (instruction, report). A text may carry its own instruction as
-    `"instruction" + instruction_separator + "report"`; otherwise `instruction` applies."""
+    `"instruction" + instruction_separator + "report"`; otherwise `instruction` applies, and when that is
+    None, `default_instruction` (the one a checkpoint was trained with). `instruction=""` means none."""
     separator = instruction_separator
     if isinstance(texts, str):
         raise TypeError("Pass a list of texts, not a single string.")
@@ -137,7 +143,7 @@ def split_instruction(
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"Text {index} is a {type(text).__name__}, expected str.")
-        text_instruction = instruction
+        text_instruction = instruction if instruction is not None else default_instruction
         if separator in text:
             if instruction:
                 raise ValueError(
@@ -151,6 +157,29 @@ def split_instruction(
     return pairs
 
 
+# Reports are cut (at a space) this many tokens' worth of characters past `max_seq_length` before tokenizing:
+# the kept tokens are the same, and a 200k-character report no longer costs ~46 bytes per character.
+_CUT_MARGIN_TOKENS = 16
+
+
+def _longest_token_chars(tokenizer) -> int:
+    """Characters the longest vocabulary entry can cover (cached on the tokenizer)."""
+    cached = getattr(tokenizer, "_llm2vec4cxr_longest_token_chars", None)
+    if cached is None:
+        specials = set(tokenizer.all_special_tokens)
+        cached = max((len(token) for token in tokenizer.get_vocab() if token not in specials), default=1)
+        tokenizer._llm2vec4cxr_longest_token_chars = cached
+    return cached
+
+
+def _cut_report(report: str, max_chars: int) -> str:
+    """`report` cut at the first whitespace after `max_chars` characters (unchanged when shorter)."""
+    if len(report) <= max_chars:
+        return report
+    space = next((i for i in range(max_chars, len(report)) if report[i].isspace()), None)
+    return report if space is None else report[:space]
+
+
 def tokenize_reports(
     tokenizer,
     texts: Sequence[str],
@@ -159,17 +188,24 @@ def tokenize_reports(
     instruction_separator: str = DEFAULT_INSTRUCTION_SEPARATOR,
     max_seq_length: int = 512,
     embed_mask_rule: str = "offsets",
+    default_instruction: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Tokenize reports as LLM2Vec4CXR expects them: `instruction.strip() + " " + report`, with `embed_mask`
     covering only the report tokens (found as `embed_mask_rule` says, see `EMBED_MASK_RULES`). Reports
     longer than `max_seq_length` are cut at their end (the instruction is always kept). `tokenizer` must
-    have passed `prepare_report_tokenizer`.
+    have passed `prepare_report_tokenizer`. `default_instruction` applies where neither `instruction` nor the
+    text gives one (see `split_instruction`).
+
+    Memory is bounded by the batch, not by the length of the reports: each report is first cut (at a space)
+    well past what `max_seq_length` tokens can cover.
 
     Returns:
         A dict of `input_ids`, `attention_mask`, `embed_mask` of shape `(len(texts), longest)`, padded on the
         tokenizer's `padding_side`, and the number of truncated reports.
     """
-    pairs = split_instruction(texts, instruction, instruction_separator)
+    pairs = split_instruction(texts, instruction, instruction_separator, default_instruction=default_instruction)
+    max_report_chars = (max_seq_length + _CUT_MARGIN_TOKENS) * _longest_token_chars(tokenizer)
+    pairs = [(text_instruction, _cut_report(report, max_report_chars)) for text_instruction, report in pairs]
     full_texts, report_starts = [], []
     for text_instruction, report in pairs:
         prefix = f"{text_instruction} " if text_instruction else ""
@@ -344,8 +380,11 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
         self.tokenizer = tokenizer
 
     def split_instruction(self, texts: Sequence[str], instruction: str | None = None) -> list[tuple[str, str]]:
-        """Split each text into (instruction, report) with this model's separator (see `split_instruction`)."""
-        return split_instruction(texts, instruction, self.config.instruction_separator)
+        """Split each text into (instruction, report) with this model's separator and default instruction
+        (see `split_instruction`)."""
+        return split_instruction(
+            texts, instruction, self.config.instruction_separator, default_instruction=self.config.default_instruction
+        )
 
     def tokenize(
         self,
@@ -356,6 +395,9 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
         """Tokenize reports as the model expects them: `instruction.strip() + " " + report`, with
         `embed_mask` covering only the report tokens. Reports longer than `max_seq_length` are cut
         at their end (the instruction is always kept).
+
+        `instruction=None` uses the instruction the checkpoint was trained with (`config.default_instruction`,
+        if any); `instruction=""` means none.
 
         Returns a dict of `input_ids`, `attention_mask`, `embed_mask` (padded on the tokenizer's
         `padding_side`), and the number of truncated reports when `return_truncated_count`.
@@ -372,6 +414,7 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
             instruction_separator=self.config.instruction_separator,
             max_seq_length=self.config.max_seq_length,
             embed_mask_rule=getattr(self.config, "embed_mask_rule", "offsets"),
+            default_instruction=self.config.default_instruction,
         )
         return (batch, truncated) if return_truncated_count else batch
 
@@ -386,20 +429,25 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
         show_progress_bar: bool | None = None,
         convert_to_numpy: bool = False,
         device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ):
         """Embed reports.
 
         Args:
             texts: a list of reports (a single string gives a 1-D result). A report may carry its own
                 instruction as `"instruction" + config.instruction_separator + "report"`.
-            instruction: prepended to every report and pooled out (attended to, not averaged).
+            instruction: prepended to every report and pooled out (attended to, not averaged). None (the
+                default) uses the instruction the checkpoint was trained with (`config.default_instruction`);
+                `""` means no instruction.
             batch_size: reports per forward pass; batches are formed after sorting by length, so
                 little compute is spent on padding, and results come back in input order.
             normalize: L2-normalise the embeddings (they already are when `config.normalize_embeddings`).
             show_progress_bar: defaults to True for more than 10 batches.
+            device: where the forward passes run (default: the model's device).
+            dtype: compute dtype (autocast); default bfloat16 on CUDA, the weights' dtype elsewhere.
 
         Returns:
-            A float32 tensor (or array) of shape `(len(texts), hidden_size)`.
+            A float32 tensor (or array) of shape `(len(texts), hidden_size)`, on the CPU.
         """
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
@@ -407,39 +455,54 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
             raise ValueError("`texts` is empty: nothing to encode.")
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be positive, got {batch_size}.")
-        features, truncated = self.tokenize(texts, instruction, return_truncated_count=True)
+        self.split_instruction(texts, instruction)  # every bad input is refused before any compute
+        device = torch.device(device) if device is not None else self.device
+        if dtype is None and device.type == "cuda":
+            dtype = torch.bfloat16
+        autocast = dtype is not None and dtype != torch.float32
+        pin = device.type == "cuda"
+        # Longest first (a too-large batch fails at once); character length stands in for token length, so
+        # nothing is tokenized up front: each batch is tokenized (one ahead, in a thread) when it is needed.
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+        def prepare(rows):
+            features, truncated = self.tokenize([texts[i] for i in rows], instruction, return_truncated_count=True)
+            if pin:
+                features = {key: value.pin_memory() for key, value in features.items()}
+            return features, truncated
+
+        if show_progress_bar is None:
+            show_progress_bar = len(batches) > 10
+        was_training = self.training
+        self.eval()
+        chunks, truncated = [], 0
+        try:
+            with ThreadPoolExecutor(max_workers=1) as producer:
+                pending = producer.submit(prepare, batches[0])
+                for number in logging.tqdm(range(len(batches)), desc="Encoding", disable=not show_progress_bar):
+                    features, batch_truncated = pending.result()
+                    truncated += batch_truncated
+                    if number + 1 < len(batches):
+                        pending = producer.submit(prepare, batches[number + 1])
+                    batch = {key: value.to(device, non_blocking=pin) for key, value in features.items()}
+                    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                        pooled = self(**batch).pooler_output
+                    if normalize:
+                        pooled = F.normalize(pooled.float(), p=2, dim=-1)
+                    chunks.append(pooled.float())  # stays on the device: one transfer at the end
+        finally:
+            self.train(was_training)
         if truncated:
             warnings.warn(
                 f"{truncated} of {len(texts)} reports exceeded max_seq_length={self.config.max_seq_length} "
                 f"tokens and were truncated at their end.",
                 stacklevel=2,
             )
-        lengths = features["attention_mask"].sum(dim=1)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        left = self.tokenizer.padding_side == "left"
-        device = torch.device(device) if device is not None else self.device
-        if show_progress_bar is None:
-            show_progress_bar = len(texts) > 10 * batch_size
-        was_training = self.training
-        self.eval()
-        chunks = []
-        try:
-            for start in logging.tqdm(
-                range(0, len(texts), batch_size), desc="Encoding", disable=not show_progress_bar
-            ):
-                rows = order[start : start + batch_size]
-                width = int(lengths[rows].max())
-                # Trim the global padding down to this batch's longest report.
-                cols = slice(features["input_ids"].shape[1] - width, None) if left else slice(0, width)
-                batch = {key: value[rows][:, cols].to(device) for key, value in features.items()}
-                pooled = self(**batch).pooler_output
-                if normalize:
-                    pooled = F.normalize(pooled, p=2, dim=-1)
-                chunks.append(pooled.float().cpu())
-        finally:
-            self.train(was_training)
-        embeddings = torch.empty((len(texts), chunks[0].shape[1]), dtype=torch.float32)
-        embeddings[order] = torch.cat(chunks)
+        sorted_embeddings = torch.cat(chunks)
+        embeddings = torch.empty_like(sorted_embeddings)
+        embeddings[torch.tensor(order, device=sorted_embeddings.device)] = sorted_embeddings
+        embeddings = embeddings.cpu()
         if single:
             embeddings = embeddings[0]
         return embeddings.numpy() if convert_to_numpy else embeddings
@@ -575,7 +638,7 @@ def write_sentence_transformers_layout(save_directory, config: LLM2Vec4CXRConfig
     st_config = {
         "model_type": "SentenceTransformer",
         "prompts": dict(config.instructions),
-        "default_prompt_name": None,
+        "default_prompt_name": getattr(config, "default_instruction_name", None),
         "similarity_fn_name": "cosine",
     }
     for name, content in ((ST_MODULES_FILE, modules), (ST_CONFIG_FILE, st_config)):
@@ -596,9 +659,11 @@ class LLM2Vec4CXRSentenceEncoder(nn.Module):
     # SentenceTransformer.save() then writes the model (and this remote code) at the folder root.
     save_in_root = True
 
-    def __init__(self, model: LLM2Vec4CXRModel):
+    def __init__(self, model: LLM2Vec4CXRModel, bucket_rows: int = 32):
         super().__init__()
         self.auto_model = model
+        # Rows per length bucket of `forward` (training batches); a batch this small runs in one pass.
+        self.bucket_rows = bucket_rows
 
     @classmethod
     def load(cls, input_path, **kwargs):
@@ -615,19 +680,45 @@ class LLM2Vec4CXRSentenceEncoder(nn.Module):
         return self.auto_model.config.max_seq_length
 
     def preprocess(self, inputs, prompt: str | None = None, **kwargs):
-        return self.auto_model.tokenize(list(inputs), instruction=prompt or None)
+        # prompt None: the checkpoint's own instruction (config.default_instruction); "" means none.
+        return self.auto_model.tokenize(list(inputs), instruction=prompt)
 
     def tokenize(self, texts, **kwargs):
         return self.preprocess(texts)
 
     def forward(self, features: dict, **kwargs) -> dict:
-        output = self.auto_model(
-            input_ids=features["input_ids"],
-            attention_mask=features["attention_mask"],
-            embed_mask=features.get("embed_mask"),
-        )
-        features["token_embeddings"] = output.last_hidden_state
-        features["sentence_embedding"] = output.pooler_output
+        input_ids, attention_mask = features["input_ids"], features["attention_mask"]
+        embed_mask = features.get("embed_mask")
+        lengths = attention_mask.sum(dim=1)
+        rows, width = input_ids.shape
+        if rows <= self.bucket_rows or int(lengths.sum()) > 0.75 * rows * width:
+            output = self.auto_model(input_ids=input_ids, attention_mask=attention_mask, embed_mask=embed_mask)
+            features["token_embeddings"] = output.last_hidden_state
+            features["sentence_embedding"] = output.pooler_output
+            return features
+        # A training batch of reports is padded to its longest one (often 3x the median): run it as length-sorted
+        # buckets, each trimmed to its own longest row. Same embeddings and gradients, a fraction of the compute.
+        left = bool((attention_mask[:, 0] == 0).any())
+        order = torch.argsort(lengths, descending=True)
+        pooled = []
+        token_embeddings = None
+        for start in range(0, rows, self.bucket_rows):
+            bucket = order[start : start + self.bucket_rows]
+            bucket_width = int(lengths[bucket].max())
+            cols = slice(width - bucket_width, width) if left else slice(0, bucket_width)
+            output = self.auto_model(
+                input_ids=input_ids[bucket][:, cols],
+                attention_mask=attention_mask[bucket][:, cols],
+                embed_mask=None if embed_mask is None else embed_mask[bucket][:, cols],
+            )
+            if token_embeddings is None:
+                token_embeddings = output.last_hidden_state.new_zeros(rows, width, output.last_hidden_state.shape[-1])
+            token_embeddings[bucket.unsqueeze(1), torch.arange(width, device=order.device)[cols]] = output.last_hidden_state
+            pooled.append(output.pooler_output)
+        sentence_embedding = torch.empty_like(torch.cat(pooled))
+        sentence_embedding[order] = torch.cat(pooled)
+        features["token_embeddings"] = token_embeddings
+        features["sentence_embedding"] = sentence_embedding
         return features
 
     def get_embedding_dimension(self) -> int:
