@@ -220,8 +220,57 @@ def test_images_are_decoded_in_the_workers_and_equal_local_encoding(ray_local, s
     assert "\n" not in str(caught.value)
 
 
+def test_cli_encode_with_the_ray_engine_writes_the_shards_folder(ray_local, tiny_model, tmp_path, capsys):
+    from llm2clip4cxr.cli import main
+
+    csv_path = tmp_path / "reports.csv"
+    csv_path.write_text("uid,findings\nr1,Small right pleural effusion.\nr2,\nr3,No pneumothorax.\n"
+                        "r4,Heart size is normal.\n", encoding="utf-8")
+    common = ["--csv", str(csv_path), "--id-column", "uid", "--model", tiny_model[1], "--instruction", "Find"]
+    assert main(["encode", *common, "--output", str(tmp_path / "local.npy")]) == 0
+    assert main(["encode", *common, "--engine", "ray", "--chunk-size", "2", "--output", str(tmp_path / "emb"),
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary == {"output": str(tmp_path / "emb"), "num_texts": 3, "dim": 64}
+    ids, vectors = read_shards(tmp_path / "emb")
+    assert ids == ["r1", "r3", "r4"]
+    assert float(np.abs(vectors - np.load(tmp_path / "local.npy")).max()) < 1e-5
+    # Another instruction into the same folder is refused in one line.
+    code = main(["encode", *common[:-1], "Other", "--engine", "ray", "--output", str(tmp_path / "emb")])
+    error = capsys.readouterr().err
+    assert code == 1 and error.count("\n") == 1 and "holds embeddings of another run" in error
+    # --engine ray only options without --engine ray are refused.
+    assert main(["encode", *common, "--num-workers", "2", "--output", str(tmp_path / "x.npy")]) == 1
+    assert "--num-workers needs --engine ray" in capsys.readouterr().err
+
+
 def test_ray_engine_module_does_not_import_ray_until_used():
     import subprocess
 
-    code = "import sys, llm2clip4cxr.ray_engine; assert 'ray' not in sys.modules"
+    code = "import sys, llm2clip4cxr.ray_engine, llm2clip4cxr.cli; assert 'ray' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent).returncode == 0
+
+
+def test_cli_index_build_with_the_ray_engine_equals_the_local_engine(ray_local, tiny_model, tmp_path, capsys):
+    from llm2clip4cxr.cli import main
+
+    csv_path = tmp_path / "reports.csv"
+    rows = ["Small right pleural effusion.", "No pneumothorax.", "Heart size is normal.", "Left basilar opacity.",
+            "Stable cardiomegaly.", "No acute cardiopulmonary process."]
+    csv_path.write_text("uid,findings\n" + "".join(f"r{i},{text}\n" for i, text in enumerate(rows)), encoding="utf-8")
+    common = ["index", "build", "--csv", str(csv_path), "--id-column", "uid", "--model", tiny_model[1],
+              "--backend", "qdrant", "--qdrant-path", str(tmp_path / "qdrant"), "--json"]
+    assert main([*common, "--collection", "local"]) == 0
+    assert main([*common, "--collection", "ray", "--engine", "ray", "--chunk-size", "4",
+                 "--work-dir", str(tmp_path / "work")]) == 0
+    assert not (tmp_path / "work").exists()  # the shards are removed once the vectors are in the collection
+    capsys.readouterr()
+    search = ["index", "search", "--backend", "qdrant", "--qdrant-path", str(tmp_path / "qdrant"), "--json",
+              "--top-k", "6", "Pleural effusion on the right."]
+    hits = {}
+    for collection in ("local", "ray"):
+        assert main([*search, "--collection", collection]) == 0
+        hits[collection] = json.loads(capsys.readouterr().out)["results"][0]["hits"]
+    assert [hit["id"] for hit in hits["ray"]] == [hit["id"] for hit in hits["local"]]
+    np.testing.assert_allclose([hit["score"] for hit in hits["ray"]], [hit["score"] for hit in hits["local"]],
+                               atol=1e-5)

@@ -58,6 +58,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -162,13 +172,47 @@ def _input_texts(args):
     return datasets.Dataset.from_dict({"id": [str(i) for i in range(len(texts))], "text": texts})
 
 
-def _embed_collection(dataset, encode, args, work_dir: Path, encoder_name: str):
-    """Embed `dataset["text"]` in resumable chunks under `work_dir` (removed once the result is used)."""
-    from .embedding import embed_in_chunks
+def _embed_collection(dataset, encode, args, work_dir: Path, encoder_name: str, ray_encoder=None):
+    """Embed `dataset["text"]` in resumable chunks under `work_dir` (removed once the result is used): in this
+    process with `encode`, or with `--engine ray` on Ray workers that build `ray_encoder` (joined into one
+    memory-mapped array in `work_dir`)."""
+    from .embedding import EMBEDDINGS_FILE, embed_in_chunks
 
+    if args.engine == "ray":
+        from .ray_engine import read_shards
+
+        _ray_embed(dataset, args, work_dir, encoder_name, ray_encoder)
+        return read_shards(work_dir, out=work_dir / EMBEDDINGS_FILE)[1]
     return embed_in_chunks(
         dataset, encode, work_dir, chunk_size=args.chunk_size, encoder_name=encoder_name, progress=not args.json
     )
+
+
+def _ray_embed(dataset, args, output_dir: Path, encoder_name: str, ray_encoder) -> dict:
+    from .ray_engine import embed_with_ray
+
+    return embed_with_ray(
+        dataset, ray_encoder, output_dir, rows_per_shard=args.chunk_size, encoder_name=encoder_name,
+        num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker or 0, address=args.address,
+        progress=not args.json,
+    )
+
+
+def _ray_text_encoder(args, instruction, normalize: bool):
+    """What each Ray worker loads: the model of --model (else the shipped default), as this process would."""
+    from .ray_engine import TextEncoder
+
+    model = str(Path(args.model).resolve()) if args.model else None
+    return TextEncoder(model, instruction, args.batch_size, normalize=normalize,
+                       trust_remote_code=args.trust_remote_code)
+
+
+def _check_engine_options(args) -> None:
+    if args.engine != "ray":
+        given = [flag for flag, value in (("--address", args.address), ("--num-workers", args.num_workers),
+                                          ("--num-gpus-per-worker", args.num_gpus_per_worker)) if value is not None]
+        if given:
+            raise InputError(f"{given[0]} needs --engine ray.")
 
 
 def _normalized_encoder(model, instruction, batch_size):
@@ -204,30 +248,56 @@ _EMBEDDING_SUFFIXES = (".npy", ".safetensors", ".parquet")
 def _encode(args) -> int:
     import shutil
 
+    _check_engine_options(args)
     output = Path(args.output)
+    if args.engine == "ray" and output.suffix not in _EMBEDDING_SUFFIXES:
+        return _encode_to_shards(args, output)
     if output.suffix not in _EMBEDDING_SUFFIXES:
-        raise ValueError(f"--output {output}: the suffix must be one of {_EMBEDDING_SUFFIXES}, got {output.suffix!r}.")
+        raise ValueError(f"--output {output}: the suffix must be one of {_EMBEDDING_SUFFIXES}, got {output.suffix!r} "
+                         "(with --engine ray, a folder of parquet shards is also possible).")
     work_dir = _work_dir(args, output)
     _inputs_and_outputs({"--output": output, "--work-dir": work_dir}, {"--csv": args.csv, "--model": args.model})
     _create_parent(output)
     with _output_lock(args, output):
         dataset = _input_texts(args)
-        model = _load_text_encoder(args.model, args.trust_remote_code)
+        encode = None
+        if args.engine == "local":
+            model = _load_text_encoder(args.model, args.trust_remote_code)
 
-        def encode(texts):
-            return model.encode(
-                texts, instruction=args.instruction, batch_size=args.batch_size, convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            def encode(texts):
+                return model.encode(
+                    texts, instruction=args.instruction, batch_size=args.batch_size, convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
 
         with _output_lock(args, work_dir):  # held until the work folder is gone
-            embeddings = _embed_collection(dataset, encode, args, work_dir, _encoder_name(args))
+            ray_encoder = _ray_text_encoder(args, args.instruction, normalize=False) if args.engine == "ray" else None
+            embeddings = _embed_collection(dataset, encode, args, work_dir, _encoder_name(args), ray_encoder)
             _write_embeddings(output, embeddings, dataset)
             dim = int(embeddings.shape[1])
             del embeddings  # release the memory map before its folder goes
             shutil.rmtree(work_dir)
     summary = {"output": str(output), "num_texts": len(dataset), "dim": dim}
     print(json.dumps(summary) if args.json else f"wrote {len(dataset)} x {dim} embeddings to {output}")
+    return EXIT_OK
+
+
+def _encode_to_shards(args, output: Path) -> int:
+    """`encode --engine ray` into a folder: its parquet shards (id, text hash, embedding) are the result."""
+    _inputs_and_outputs({"--output": output}, {"--csv": args.csv, "--model": args.model})
+    if args.work_dir:
+        raise InputError("--work-dir is for a file --output; a folder --output holds the shards itself.")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output}: a file without an embeddings suffix; give a folder or a "
+                         f"{'/'.join(_EMBEDDING_SUFFIXES)} file.")
+    _create_parent(output)
+    with _output_lock(args, output):
+        dataset = _input_texts(args)
+        summary = _ray_embed(dataset, args, output, _encoder_name(args),
+                             _ray_text_encoder(args, args.instruction, normalize=False))
+    summary = {"output": str(output), "num_texts": len(dataset), "dim": summary["dim"]}
+    print(json.dumps(summary) if args.json else
+          f"wrote {len(dataset)} x {summary['dim']} embeddings as parquet shards in {output}")
     return EXIT_OK
 
 
@@ -284,44 +354,137 @@ def _similar(args) -> int:
 
 
 def _index_build(args) -> int:
+    import contextlib
     import shutil
 
     from .index import EmbeddingIndex
 
-    output = Path(args.output)
-    work_dir = _work_dir(args, output)
-    _inputs_and_outputs({"--output": output, "--work-dir": work_dir}, {"--csv": args.csv, "--model": args.model})
-    if output.exists() and not output.is_dir():
-        raise InputError(f"--output {output}: a file, not an index folder; choose a folder path.")
-    output.mkdir(parents=True, exist_ok=True)
+    _check_engine_options(args)
+    _check_backend_options(args, build=True)
+    qdrant = args.backend == "qdrant"
+    output = None if qdrant else Path(args.output)
+    # With Qdrant there is no output folder to hold the chunks beside: they go into the current folder.
+    work_dir = Path(args.work_dir) if args.work_dir else (
+        Path(f"qdrant-{args.collection}.chunks") if qdrant else _work_dir(args, output))
+    _inputs_and_outputs({"--output": output, "--work-dir": work_dir, "--qdrant-path": args.qdrant_path},
+                        {"--csv": args.csv, "--model": args.model})
+    if not qdrant:
+        if output.exists() and not output.is_dir():
+            raise InputError(f"--output {output}: a file, not an index folder; choose a folder path.")
+        output.mkdir(parents=True, exist_ok=True)
+    # Qdrant is reached before any model work, so an unreachable server fails at once, not after the embedding.
+    store = _open_qdrant(args) if qdrant else contextlib.nullcontext()
     # One build per output at a time: the lock is held from before reading to after the commit, so the
     # index, its encoder and its work folder all come from one run.
-    with _output_lock(args, output, inside=True):
+    with store, (contextlib.nullcontext() if qdrant else _output_lock(args, output, inside=True)):
         dataset = _read_texts(args.csv, args.column, args.id_column, extra_columns=args.metadata_column)
-        model = _load_text_encoder(args.model, args.trust_remote_code)
+        encode = None
+        if args.engine == "local":
+            model = _load_text_encoder(args.model, args.trust_remote_code)
+            default_instruction = model.config.default_instruction
+        else:  # the workers load the model; this process needs only its config
+            default_instruction = _checkpoint_default_instruction(args.model)
         # Recorded as used (the model's own instruction when none is given), so a search embeds queries alike.
-        instruction = args.instruction if args.instruction is not None else model.config.default_instruction
-        encode = _normalized_encoder(model, instruction or "", args.batch_size)
+        instruction = args.instruction if args.instruction is not None else default_instruction
+        if args.engine == "local":
+            encode = _normalized_encoder(model, instruction or "", args.batch_size)
+        encoder = {"model": str(Path(args.model).resolve()) if args.model else None, "instruction": instruction}
+        if qdrant and store.exists():
+            store.check(info={"encoder": encoder})  # another encoder's collection: refused before embedding
+        ray_encoder = _ray_text_encoder(args, instruction or "", normalize=True) if args.engine == "ray" else None
         with _output_lock(args, work_dir):  # held until the work folder is gone
-            embeddings = _embed_collection(dataset, encode, args, work_dir, _encoder_name(args))
-            index = EmbeddingIndex(dim=embeddings.shape[1], kind=args.kind)
+            embeddings = _embed_collection(dataset, encode, args, work_dir, _encoder_name(args), ray_encoder)
             metadata = dataset.select_columns(["text", *args.metadata_column]).to_list()
-            index.add(embeddings, ids=list(dataset["id"]), metadata=metadata)
-            index.set_lexical(dataset["text"])  # BM25 statistics for `index search --hybrid`
-            # The encoder is committed with the vectors (one generation), so a kill cannot pair them wrongly.
-            encoder = {"model": str(Path(args.model).resolve()) if args.model else None, "instruction": instruction}
-            index.save(output, info={"encoder": encoder})
-            dim = index.dim
-            del index, embeddings  # the index referenced the memory-mapped chunks until save() copied them
+            dim = int(embeddings.shape[1])
+            if qdrant:
+                store.ensure(dim, {"encoder": encoder}, hnsw_m=args.hnsw_m or 16,
+                             ef_construct=args.hnsw_ef_construct or 100, quantization=args.quantization or "none",
+                             payload_keys=args.metadata_column)
+                store.add(embeddings, ids=list(dataset["id"]), metadata=metadata,
+                          batch_size=args.upsert_batch_size or 256)
+            else:
+                index = EmbeddingIndex(dim=dim, kind=args.kind or "flat")
+                index.add(embeddings, ids=list(dataset["id"]), metadata=metadata)
+                index.set_lexical(dataset["text"])  # BM25 statistics for `index search --hybrid`
+                # The encoder is committed with the vectors (one generation), so a kill cannot pair them wrongly.
+                index.save(output, info={"encoder": encoder})
+                del index  # it referenced the memory-mapped chunks until save() copied them
+            del embeddings
             shutil.rmtree(work_dir)
-    summary = {"index": str(output), "size": len(dataset), "dim": dim, "kind": args.kind}
-    print(json.dumps(summary) if args.json else f"indexed {len(dataset)} reports ({args.kind}) in {output}")
+    if qdrant:
+        summary = {"collection": args.collection, "location": store.location, "size": len(dataset), "dim": dim}
+        text = f"indexed {len(dataset)} reports in collection {args.collection!r} of {store.location}"
+    else:
+        summary = {"index": str(output), "size": len(dataset), "dim": dim, "kind": args.kind or "flat"}
+        text = f"indexed {len(dataset)} reports ({args.kind or 'flat'}) in {output}"
+    print(json.dumps(summary) if args.json else text)
     return EXIT_OK
+
+
+def _checkpoint_default_instruction(model_path):
+    """The instruction a checkpoint was trained with, read from its config alone (no weights loaded)."""
+    from .checkpoints import check_model_folder
+    from .defaults import default_model_path
+    from .modeling.configuration_llm2vec4cxr import LLM2Vec4CXRConfig
+
+    path = check_model_folder(model_path, "--model", "LLM2Vec4CXR checkpoint") if model_path else default_model_path()
+    return LLM2Vec4CXRConfig.from_pretrained(path).default_instruction
+
+
+_QDRANT_BUILD_FLAGS = ("qdrant_url", "qdrant_path", "collection", "hnsw_m", "hnsw_ef_construct", "quantization",
+                       "upsert_batch_size")
+_QDRANT_SEARCH_FLAGS = ("qdrant_url", "qdrant_path", "collection", "filter")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_backend_options(args, build: bool = False) -> None:
+    """Refuse options of the other backend, so none is silently ignored."""
+    qdrant_flags = _QDRANT_BUILD_FLAGS if build else _QDRANT_SEARCH_FLAGS
+    if args.backend == "faiss":
+        given = [name for name in qdrant_flags if getattr(args, name) is not None]
+        if given:
+            raise InputError(f"{_flag(given[0])} needs --backend qdrant.")
+        if build and args.output is None:
+            raise InputError("--output (the index folder) is required with --backend faiss.")
+        return
+    if args.collection is None:
+        raise InputError("--backend qdrant needs --collection NAME.")
+    if build and args.output is not None:
+        raise InputError("--output is for --backend faiss; Qdrant keeps the vectors in --collection.")
+    if build and args.kind is not None:
+        raise InputError("--kind is a FAISS setting; Qdrant indexes with HNSW (--hnsw-m, --hnsw-ef-construct).")
+    if not build and args.hybrid:
+        raise InputError("--hybrid is not supported with --backend qdrant (the BM25 statistics live beside FAISS "
+                         "indexes only); search without --hybrid, or build a FAISS index for hybrid search.")
+
+
+def _open_qdrant(args, must_exist: bool = False):
+    from .qdrant_backend import QdrantIndex
+
+    return QdrantIndex.connect(args.collection, url=args.qdrant_url, path=args.qdrant_path,
+                               api_key=os.environ.get("QDRANT_API_KEY"), must_exist=must_exist)
+
+
+def _payload_filter(items) -> dict:
+    """--filter KEY=VALUE (repeatable; one key given twice accepts either value) -> {key: value or [values]}."""
+    accepted: dict[str, list[str]] = {}
+    for item in items or ():
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise InputError(f"--filter {item!r}: expected KEY=VALUE, e.g. --filter view=PA.")
+        accepted.setdefault(key.strip(), []).append(value)
+    return {key: values[0] if len(values) == 1 else values for key, values in accepted.items()}
 
 
 def _index_search(args) -> int:
     from .index import CONFIG_NAME, EmbeddingIndex
 
+    _check_backend_options(args)
+    if args.backend == "qdrant":
+        return _index_search_qdrant(args)
     folder = Path(args.index)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder}: not an index folder (no {CONFIG_NAME}); build one with `index build`.")
@@ -344,6 +507,38 @@ def _index_search(args) -> int:
         results = index.search_hybrid(query_vectors, queries, k=args.top_k, method=args.fusion)
     else:
         results = index.search(query_vectors, k=args.top_k)
+    return _emit_index_hits(args, queries, results)
+
+
+def _index_search_qdrant(args) -> int:
+    # No index folder with Qdrant: the first positional argument is a query too.
+    queries = [query for query in [args.index, *args.queries] if query.strip()]
+    if not queries:
+        raise ValueError("no query text given.")
+    _inputs_and_outputs({"--output": args.output}, {"--model": args.model, "--qdrant-path": args.qdrant_path})
+    _create_parent(args.output)
+    filter = _payload_filter(args.filter)
+    with _open_qdrant(args, must_exist=True) as store:
+        saved = {"model": None, "instruction": None, **(store.info.get("encoder") or {})}
+        where = f"collection {args.collection!r} of {store.location}"
+        built_with = f"the model {saved['model']}" if saved["model"] else "the shipped default model"
+        # Query vectors of another encoder would be compared with vectors they have nothing in common with.
+        if args.model is not None and str(Path(args.model).resolve()) != saved["model"]:
+            raise InputError(f"{where} was built with {built_with}, not --model {args.model}; drop --model (the "
+                             "recorded one is used) or search a collection built with it.")
+        if args.instruction is not None and args.instruction != (saved["instruction"] or ""):
+            raise InputError(f"{where} was built with the instruction {saved['instruction']!r}, not --instruction "
+                             f"{args.instruction!r}; drop --instruction (the recorded one is used).")
+        if saved["model"] is not None and not Path(saved["model"]).is_dir():
+            raise FileNotFoundError(f"{where} was built with the model {saved['model']}, which does not exist here; "
+                                    "search from a machine that has it at that path.")
+        model = _load_text_encoder(saved["model"], args.trust_remote_code)
+        query_vectors = _embed(model, queries, saved["instruction"] or "", args.batch_size)
+        results = store.search(query_vectors, args.top_k, filter=filter)
+    return _emit_index_hits(args, queries, results)
+
+
+def _emit_index_hits(args, queries, results) -> int:
     payload = {"results": [
         {"query": query, "hits": [{"id": id_, "score": float(score), "metadata": metadata} for id_, score, metadata in hits]}
         for query, hits in zip(queries, results)
@@ -516,12 +711,60 @@ def _add_chunk_options(parser):
         help="texts per chunk file: a killed run resumes from its finished chunks (default: 10000)",
     )
     parser.add_argument(
-        "--work-dir", help="folder for the chunk files until the run completes (default: OUTPUT.chunks beside --output)"
+        "--work-dir",
+        help="folder for the chunk files until the run completes (default: OUTPUT.chunks beside --output; with "
+        "--backend qdrant, qdrant-COLLECTION.chunks in the current folder)",
     )
     parser.add_argument(
         "--no-wait", action="store_true",
         help="if another run is writing the same output (or work folder), fail at once instead of waiting for it",
     )
+
+
+def _add_engine_options(parser):
+    parser.add_argument(
+        "--engine", choices=("local", "ray"), default="local",
+        help="local: embed in this process (default); ray: on Ray Data workers that each load the model once, "
+        "in resumable parquet shards of --chunk-size rows (needs llm2clip4cxr[ray]; docs/scale.md)",
+    )
+    parser.add_argument(
+        "--address", help="with --engine ray: the Ray cluster, e.g. auto or ray://head:10001 (default: $RAY_ADDRESS, "
+        "else a local Ray started for this command)",
+    )
+    parser.add_argument(
+        "--num-workers", type=_positive_int,
+        help="with --engine ray: embedding workers (default: as many as the cluster's GPUs, or CPUs, allow)",
+    )
+    parser.add_argument(
+        "--num-gpus-per-worker", type=_positive_float,
+        help="with --engine ray: GPUs per worker, e.g. 1, or 0.5 for two workers per GPU (default: CPU workers)",
+    )
+
+
+def _add_qdrant_options(parser, build: bool):
+    parser.add_argument(
+        "--backend", choices=("faiss", "qdrant"), default="faiss",
+        help="faiss: an index folder (default); qdrant: a Qdrant collection (needs llm2clip4cxr[qdrant])",
+    )
+    parser.add_argument("--qdrant-url", help="with --backend qdrant: the server, e.g. http://qdrant:6333 "
+                        "(its API key, if any, from $QDRANT_API_KEY)")
+    parser.add_argument("--qdrant-path", help="with --backend qdrant: a folder for Qdrant's embedded local mode "
+                        "(one process at a time, exact search) instead of a server")
+    parser.add_argument("--collection", help="with --backend qdrant: the collection name")
+    if build:
+        parser.add_argument("--hnsw-m", type=_positive_int, help="with --backend qdrant: HNSW links per vector "
+                            "(default: 16; applies when the collection is created)")
+        parser.add_argument("--hnsw-ef-construct", type=_positive_int,
+                            help="with --backend qdrant: HNSW build beam width (default: 100)")
+        parser.add_argument("--quantization", choices=("none", "int8"),
+                            help="with --backend qdrant: scalar int8 quantization of the vectors (default: none)")
+        parser.add_argument("--upsert-batch-size", type=_positive_int,
+                            help="with --backend qdrant: points per upsert request, each retried 3 times "
+                            "(default: 256)")
+    else:
+        parser.add_argument("--filter", action="append", metavar="KEY=VALUE",
+                            help="with --backend qdrant: only hits whose metadata KEY is VALUE (repeatable; a key "
+                            "given twice accepts either value)")
 
 
 def _add_csv_options(parser, required: bool):
@@ -564,6 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(encode)
     _add_trust_option(encode)
     _add_chunk_options(encode)
+    _add_engine_options(encode)
     encode.add_argument("--json", action="store_true", help="print a JSON summary")
     encode.set_defaults(handler=_encode)
 
@@ -581,29 +825,37 @@ def build_parser() -> argparse.ArgumentParser:
     similar.add_argument("--output", help="write the result to this file instead of stdout")
     similar.set_defaults(handler=_similar)
 
-    index = commands.add_parser("index", help="build or search a FAISS index of reports", description="Report indexes.")
+    index = commands.add_parser("index", help="build or search a FAISS index or a Qdrant collection of reports",
+                                description="Report indexes.")
     index_commands = index.add_subparsers(dest="index_command", required=True)
     build = index_commands.add_parser(
         "build", help="index a CSV column",
         description="Embed a CSV column and save an EmbeddingIndex folder, committed as one unit with the model "
-        "and instruction it was built with (which `index search` reuses). Two builds of one folder take turns.",
+        "and instruction it was built with (which `index search` reuses); two builds of one folder take turns. With "
+        "--backend qdrant, upsert into a Qdrant collection instead, with the model and instruction in its metadata.",
     )
     _add_csv_options(build, required=True)
-    build.add_argument("--output", required=True, help="the index folder to write")
-    build.add_argument("--kind", choices=("flat", "hnsw", "ivf", "pq"), default="flat", help="FAISS index kind (default: flat, exact)")
+    build.add_argument("--output", help="the index folder to write (--backend faiss)")
+    build.add_argument("--kind", choices=("flat", "hnsw", "ivf", "pq"), default=None,
+                       help="FAISS index kind (default: flat, exact)")
     build.add_argument("--metadata-column", action="append", default=[], help="a CSV column to store as metadata (repeatable)")
+    _add_qdrant_options(build, build=True)
     _add_model_options(build)
     _add_trust_option(build)
     _add_chunk_options(build)
+    _add_engine_options(build)
     build.add_argument("--json", action="store_true", help="print a JSON summary")
     build.set_defaults(handler=_index_build)
     search = index_commands.add_parser(
-        "search", help="top-k ids for query texts", description="Search an index folder written by `index build`."
+        "search", help="top-k ids for query texts",
+        description="Search an index folder written by `index build`, or with --backend qdrant a collection "
+        "(`index search --backend qdrant --collection NAME QUERY...`).",
     )
-    search.add_argument("index", help="the index folder")
-    search.add_argument("queries", nargs="+", help="query report texts")
+    search.add_argument("index", help="the index folder (with --backend qdrant: the first query)")
+    search.add_argument("queries", nargs="*", help="query report texts")
     search.add_argument("--top-k", type=_positive_int, default=5)
     _add_hybrid_options(search)
+    _add_qdrant_options(search, build=False)
     _add_model_options(search, "instruction for the queries (default: the one the index was built with)")
     _add_trust_option(search)
     search.add_argument("--json", action="store_true", help="print JSON for machines")
