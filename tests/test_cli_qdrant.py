@@ -18,7 +18,8 @@ QUERY = "Pleural effusion on the right."
 
 
 @pytest.fixture()
-def setup(make_encoder, tmp_path):
+def setup(make_encoder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a Qdrant build keeps its chunks by default
     make_encoder().save_pretrained(tmp_path / "model")
     csv_path = tmp_path / "reports.csv"
     csv_path.write_text("uid,findings,view\n" + "".join(f"{u},{t},{v}\n" for u, t, v in ROWS), encoding="utf-8")

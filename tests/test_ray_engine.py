@@ -251,8 +251,11 @@ def test_ray_engine_module_does_not_import_ray_until_used():
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent).returncode == 0
 
 
-def test_cli_index_build_with_the_ray_engine_equals_the_local_engine(ray_local, tiny_model, tmp_path, capsys):
+def test_cli_index_build_with_the_ray_engine_equals_the_local_engine(ray_local, tiny_model, tmp_path, capsys,
+                                                                     monkeypatch):
     from llm2clip4cxr.cli import main
+
+    monkeypatch.chdir(tmp_path)  # where a Qdrant build keeps its chunks by default
 
     csv_path = tmp_path / "reports.csv"
     rows = ["Small right pleural effusion.", "No pneumothorax.", "Heart size is normal.", "Left basilar opacity.",
