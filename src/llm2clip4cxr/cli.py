@@ -527,8 +527,9 @@ def _index_search_qdrant(args) -> int:
             raise InputError(f"{where} was built with {built_with}, not --model {args.model}; drop --model (the "
                              "recorded one is used) or search a collection built with it.")
         if args.instruction is not None and args.instruction != (saved["instruction"] or ""):
-            raise InputError(f"{where} was built with the instruction {saved['instruction']!r}, not --instruction "
-                             f"{args.instruction!r}; drop --instruction (the recorded one is used).")
+            recorded = f"the instruction {saved['instruction']!r}" if saved["instruction"] else "no instruction"
+            raise InputError(f"{where} was built with {recorded}, not --instruction {args.instruction!r}; drop "
+                             "--instruction (the recorded one is used).")
         if saved["model"] is not None and not Path(saved["model"]).is_dir():
             raise FileNotFoundError(f"{where} was built with the model {saved['model']}, which does not exist here; "
                                     "search from a machine that has it at that path.")
