@@ -277,3 +277,18 @@ def test_cli_index_build_with_the_ray_engine_equals_the_local_engine(ray_local, 
     assert [hit["id"] for hit in hits["ray"]] == [hit["id"] for hit in hits["local"]]
     np.testing.assert_allclose([hit["score"] for hit in hits["ray"]], [hit["score"] for hit in hits["local"]],
                                atol=1e-5)
+
+
+def test_float16_shards_and_a_model_missing_on_the_workers(ray_local, tiny_model, openi, tmp_path):
+    model, path = tiny_model
+    small = openi.select(range(40))
+    embed_with_ray(small, TextEncoder(path), tmp_path / "half", rows_per_shard=20, dtype="float16", num_workers=1,
+                   progress=False)
+    ids, vectors = read_shards(tmp_path / "half")
+    assert ids == list(small["id"]) and vectors.dtype == np.float16
+    expected = model.encode(list(small["text"]), convert_to_numpy=True)
+    np.testing.assert_allclose(vectors.astype(np.float32), expected, rtol=1e-3, atol=1e-3)
+    # The model loads in the workers: a folder they cannot find stops the run with its message, not a retry loop.
+    with pytest.raises(RayWorkerError, match=r"shard \[0\]: FileNotFoundError: model .*absent: no such directory"):
+        embed_with_ray(small, TextEncoder(str(tmp_path / "absent")), tmp_path / "none", rows_per_shard=40,
+                       num_workers=1, progress=False)

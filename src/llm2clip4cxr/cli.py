@@ -200,9 +200,11 @@ def _ray_embed(dataset, args, output_dir: Path, encoder_name: str, ray_encoder) 
 
 def _ray_text_encoder(args, instruction, normalize: bool):
     """What each Ray worker loads: the model of --model (else the shipped default), as this process would."""
+    from .checkpoints import check_model_folder
     from .ray_engine import TextEncoder
 
-    model = str(Path(args.model).resolve()) if args.model else None
+    # Checked here too, so a missing folder fails before Ray starts (the workers need it at the same path).
+    model = str(check_model_folder(args.model, "--model", "LLM2Vec4CXR checkpoint").resolve()) if args.model else None
     return TextEncoder(model, instruction, args.batch_size, normalize=normalize,
                        trust_remote_code=args.trust_remote_code)
 

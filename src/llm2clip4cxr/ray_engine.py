@@ -124,10 +124,16 @@ class ImageEncoder:
 
 
 class _EmbedBlock:
-    """The Ray Data actor: builds the encoder once, then embeds one block (one shard) per call."""
+    """The Ray Data actor: builds the encoder once, then embeds one block (one shard) per call.
+
+    The encoder is built on the first call rather than in `__init__`: an error there (a model folder
+    missing on a node) then fails the run at once with its message, where a failing constructor would be
+    retried by Ray Data as a dying actor and reported without it.
+    """
 
     def __init__(self, encoder: Callable[[], Callable], column: str):
-        self._encode = encoder()
+        self._encoder = encoder
+        self._encode = None
         self._column = column
 
     def __call__(self, batch):
@@ -136,6 +142,8 @@ class _EmbedBlock:
         values = batch.column(self._column).to_pylist()
         shards = sorted(set(batch.column("shard").to_pylist()))
         try:
+            if self._encode is None:
+                self._encode = self._encoder()
             vectors = np.asarray(self._encode(values), dtype=np.float32)
             if vectors.ndim != 2 or len(vectors) != len(values):
                 raise ValueError(f"the encoder returned shape {vectors.shape} for {len(values)} values; expected "
