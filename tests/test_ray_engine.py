@@ -170,14 +170,15 @@ def test_a_killed_worker_is_retried_and_the_output_is_complete_and_identical(fir
     marker = tmp_path / "kill-me"
     marker.touch()
     output = tmp_path / "embeddings"
-    summary = embed_with_ray(openi, KillOnce(TextEncoder(tiny_model[1], batch_size=32), str(marker)), output,
+    half = openi.select(range(2 * ROWS_PER_SHARD))  # the first two shards of the first run
+    summary = embed_with_ray(half, KillOnce(TextEncoder(tiny_model[1], batch_size=32), str(marker)), output,
                              rows_per_shard=ROWS_PER_SHARD, encoder_name="tiny", num_workers=2, progress=False)
     assert not marker.exists()  # a worker was killed
-    assert summary["written"] == [0, 1, 2, 3]
+    assert summary["written"] == [0, 1]
     ids, vectors = read_shards(output)
     expected_ids, expected = read_shards(first_run[0])
-    assert ids == expected_ids
-    np.testing.assert_array_equal(vectors, expected)
+    assert ids == expected_ids[: len(half)]
+    np.testing.assert_array_equal(vectors, expected[: len(half)])
 
 
 @pytest.fixture()
@@ -211,13 +212,6 @@ def test_images_are_decoded_in_the_workers_and_equal_local_encoding(ray_local, s
     ids, vectors = read_shards(tmp_path / "images")
     assert ids == list(dataset["image_id"])
     np.testing.assert_allclose(vectors, image_encoder(model, processor, batch_size=2)(images), atol=1e-5, rtol=0)
-
-    # A missing image fails the run with one message naming the shard and the file.
-    broken = dataset.add_item({"image_id": "gone", "image": str(tmp_path / "gone.png")})
-    with pytest.raises(RayWorkerError, match=r"shard \[2\]: FileNotFoundError: .*gone\.png") as caught:
-        embed_with_ray(broken, ImageEncoder(path, batch_size=2), tmp_path / "broken", column="image",
-                       id_column="image_id", rows_per_shard=3, num_workers=1, progress=False)
-    assert "\n" not in str(caught.value)
 
 
 def test_cli_encode_with_the_ray_engine_writes_the_shards_folder(ray_local, tiny_model, tmp_path, capsys):
@@ -289,6 +283,8 @@ def test_float16_shards_and_a_model_missing_on_the_workers(ray_local, tiny_model
     expected = model.encode(list(small["text"]), convert_to_numpy=True)
     np.testing.assert_allclose(vectors.astype(np.float32), expected, rtol=1e-3, atol=1e-3)
     # The model loads in the workers: a folder they cannot find stops the run with its message, not a retry loop.
-    with pytest.raises(RayWorkerError, match=r"shard \[0\]: FileNotFoundError: model .*absent: no such directory"):
+    missing = r"shard \[0\]: FileNotFoundError: model .*absent: no such directory"
+    with pytest.raises(RayWorkerError, match=missing) as caught:
         embed_with_ray(small, TextEncoder(str(tmp_path / "absent")), tmp_path / "none", rows_per_shard=40,
                        num_workers=1, progress=False)
+    assert "\n" not in str(caught.value) and "finished shards are kept" in str(caught.value)
