@@ -17,7 +17,8 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # Shown in the header of every run: CI installs the newest releases each time, so a new failure can be
 # matched to the release that brought it (the full list is in .ci/run's log).
 _REPORTED_DISTRIBUTIONS = ("torch", "transformers", "sentence-transformers", "datasets", "numpy", "pillow", "pydicom",
-                           "safetensors", "faiss-cpu", "filelock", "huggingface-hub", "hypothesis")
+                           "safetensors", "faiss-cpu", "filelock", "huggingface-hub", "hypothesis", "ray",
+                           "qdrant-client")
 
 
 def pytest_report_header(config):

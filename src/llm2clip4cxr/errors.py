@@ -10,6 +10,7 @@ __all__ = [
     "InputError",
     "LLM2CLIP4CXRError",
     "OutputLockedError",
+    "ServiceUnavailableError",
     "UntrustedCodeError",
 ]
 
@@ -37,6 +38,12 @@ class OutputLockedError(LLM2CLIP4CXRError, OSError):
     """Another process is writing the same output, and waiting was not asked for."""
 
     kind = "locked"
+
+
+class ServiceUnavailableError(LLM2CLIP4CXRError, ConnectionError):
+    """A service the command needs (a Qdrant server) cannot be reached; the message names its address."""
+
+    kind = "unavailable"
 
 
 class UntrustedCodeError(LLM2CLIP4CXRError, ValueError):

@@ -49,42 +49,75 @@ positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------- shared options
 
 
-def _options() -> argparse.ArgumentParser:
+def parent_parser() -> argparse.ArgumentParser:
+    """An empty parent parser: options added to it go into every parser given it in `parents=[...]`."""
     return argparse.ArgumentParser(add_help=False)
 
 
 # Pass these as `parents=[...]` to `add_parser`: the same options, the same help, in every command.
-JSON = _options()
+JSON = parent_parser()
 JSON.add_argument("--json", action="store_true", help='print JSON for machines (an error too: {"error", "kind"})')
 
-OUTPUT = _options()
+OUTPUT = parent_parser()
 OUTPUT.add_argument("--output", help="write the result to this file instead of stdout")
 
-TRUST = _options()
+TRUST = parent_parser()
 TRUST.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
-TOP_K = _options()
+TOP_K = parent_parser()
 TOP_K.add_argument("--top-k", type=positive_int, default=5, help="results per query (default: 5)")
 
-NO_WAIT = _options()
+NO_WAIT = parent_parser()
 NO_WAIT.add_argument(
     "--no-wait", action="store_true",
     help="if another run is writing the same output (or work folder), fail at once instead of waiting for it",
 )
 
-CHUNKS = _options()
+CHUNKS = parent_parser()
 CHUNKS.add_argument(
     "--chunk-size", type=positive_int, default=10_000,
     help="texts per chunk file: a killed run resumes from its finished chunks (default: 10000)",
 )
 CHUNKS.add_argument(
-    "--work-dir", help="folder for the chunk files until the run completes (default: OUTPUT.chunks beside --output)"
+    "--work-dir",
+    help="folder for the chunk files until the run completes (default: OUTPUT.chunks beside --output; with "
+    "--backend qdrant, qdrant-COLLECTION.chunks in the current folder)",
 )
 
-HYBRID = _options()
+# Where the embedding runs: in this process, or on Ray workers (retrieval.ray_engine, docs/scale.md).
+ENGINE = parent_parser()
+ENGINE.add_argument(
+    "--engine", choices=("local", "ray"), default="local",
+    help="local: embed in this process (default); ray: on Ray Data workers that each load the model once, "
+    "in resumable parquet shards of --chunk-size rows (needs llm2clip4cxr[ray]; docs/scale.md)",
+)
+ENGINE.add_argument(
+    "--address", help="with --engine ray: the Ray cluster, e.g. auto or ray://head:10001 (default: $RAY_ADDRESS, "
+    "else a local Ray started for this command)",
+)
+ENGINE.add_argument(
+    "--num-workers", type=positive_int,
+    help="with --engine ray: embedding workers (default: as many as the cluster's GPUs, or CPUs, allow)",
+)
+ENGINE.add_argument(
+    "--num-gpus-per-worker", type=positive_float,
+    help="with --engine ray: GPUs per worker, e.g. 1, or 0.5 for two workers per GPU (default: CPU workers)",
+)
+
+HYBRID = parent_parser()
 HYBRID.add_argument(
     "--hybrid", action="store_true",
     help="fuse the dense ranking with BM25 (bm25s): scores become fusion scores (docs/retrieval.md)",
@@ -102,7 +135,7 @@ def model_options(
     required: bool = False,
 ) -> argparse.ArgumentParser:
     """--model, --instruction and --batch-size, with the defaults of one command."""
-    options = _options()
+    options = parent_parser()
     options.add_argument("--model", required=required, help=model_help)
     options.add_argument("--instruction", default=None, help=instruction_help)
     options.add_argument("--batch-size", type=positive_int, default=batch_size)
@@ -111,7 +144,7 @@ def model_options(
 
 def csv_options(required: bool) -> argparse.ArgumentParser:
     """--csv, --column and --id-column: the report texts of a table file."""
-    options = _options()
+    options = parent_parser()
     options.add_argument("--csv", required=required, help="a UTF-8 CSV file with a header row")
     options.add_argument(
         "--column", default="findings", help="the CSV column holding the report texts (default: findings)"
@@ -255,10 +288,51 @@ def encoder_name(args) -> str:
     return json.dumps({"model": model, "instruction": args.instruction, "normalized": args.command != "encode"})
 
 
-def embed_collection(dataset, encode, args, folder: Path):
-    """Embed `dataset["text"]` in resumable chunks under `folder` (removed once the result is used)."""
-    from ..retrieval.embedding import embed_in_chunks
+def embed_collection(dataset, encode, args, folder: Path, ray_encoder=None):
+    """Embed `dataset["text"]` in resumable chunks under `folder` (removed once the result is used): in this
+    process with `encode`, or with `--engine ray` on Ray workers that build `ray_encoder` (joined into one
+    memory-mapped array in `folder`)."""
+    from ..retrieval.embedding import EMBEDDINGS_FILE, embed_in_chunks
 
+    if args.engine == "ray":
+        from ..retrieval.ray_engine import read_shards
+
+        ray_embed(dataset, args, folder, ray_encoder)
+        return read_shards(folder, out=folder / EMBEDDINGS_FILE)[1]
     return embed_in_chunks(
         dataset, encode, folder, chunk_size=args.chunk_size, encoder_name=encoder_name(args), progress=not args.json
     )
+
+
+# ----------------------------------------------------------------------------------------------- --engine ray
+
+
+def check_engine_options(args) -> None:
+    """Refuse the Ray options without --engine ray, so none is silently ignored."""
+    if args.engine != "ray":
+        given = [flag for flag, value in (("--address", args.address), ("--num-workers", args.num_workers),
+                                          ("--num-gpus-per-worker", args.num_gpus_per_worker)) if value is not None]
+        if given:
+            raise InputError(f"{given[0]} needs --engine ray.")
+
+
+def ray_embed(dataset, args, output_dir: Path, ray_encoder) -> dict:
+    """`retrieval.ray_engine.embed_with_ray` with the command's --chunk-size and Ray options."""
+    from ..retrieval.ray_engine import embed_with_ray
+
+    return embed_with_ray(
+        dataset, ray_encoder, output_dir, rows_per_shard=args.chunk_size, encoder_name=encoder_name(args),
+        num_workers=args.num_workers, num_gpus_per_worker=args.num_gpus_per_worker or 0, address=args.address,
+        progress=not args.json,
+    )
+
+
+def ray_text_encoder(args, instruction, normalize: bool):
+    """What each Ray worker loads: the model of --model (else the shipped default), as this process would."""
+    from ..checkpoints import check_model_folder
+    from ..retrieval.ray_engine import TextEncoder
+
+    # Checked here too, so a missing folder fails before Ray starts (the workers need it at the same path).
+    model = str(check_model_folder(args.model, "--model", "LLM2Vec4CXR checkpoint").resolve()) if args.model else None
+    return TextEncoder(model, instruction, args.batch_size, normalize=normalize,
+                       trust_remote_code=args.trust_remote_code)
