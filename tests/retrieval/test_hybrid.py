@@ -26,6 +26,47 @@ def test_bm25_index_equals_the_bm25_baseline_and_round_trips(tmp_path):
         BM25Index.load(tmp_path)
 
 
+def _lucene_bm25(queries, corpus, k1=1.5, b=0.75):
+    """Reference: Lucene BM25 (no (k1 + 1) factor since Lucene 8) over words + bigrams, each distinct query
+    term once."""
+    import math
+    import re
+
+    def terms(text):
+        words = re.findall(r"\b\w\w+\b", text.lower())
+        return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+    docs = [terms(text) for text in corpus]
+    average = sum(map(len, docs)) / len(docs)
+    out = np.zeros((len(queries), len(corpus)))
+    for i, query in enumerate(queries):
+        for term in dict.fromkeys(terms(query)):
+            frequency = sum(term in doc for doc in docs)
+            idf = math.log(1 + (len(docs) - frequency + 0.5) / (frequency + 0.5))
+            for j, doc in enumerate(docs):
+                tf = doc.count(term)
+                out[i, j] += idf * tf / (tf + k1 * (1 - b + b * len(doc) / average)) if tf else 0.0
+    return out
+
+
+def test_bm25_scores_equal_a_hand_computed_lucene_bm25_with_bigrams():
+    queries = ["No left pleural effusion. Pleural effusion, pleural thickening.", "left effusion", "no"]
+    np.testing.assert_allclose(BM25Index().index(CORPUS).scores(queries), _lucene_bm25(queries, CORPUS), rtol=1e-5)
+    # The bigram "left pleural" ranks the left effusion above the right one; unigrams alone tie on "effusion".
+    scores = BM25Index().index(CORPUS).scores(["left pleural effusion"])[0]
+    assert scores[0] > scores[2] > 0
+
+
+def test_bm25_statistics_saved_before_bigrams_load_as_unigram_ones(tmp_path):
+    BM25Index(ngrams=1).index(CORPUS).save(tmp_path)
+    settings = json.loads((tmp_path / "bm25_settings.json").read_text())
+    del settings["ngrams"]
+    (tmp_path / "bm25_settings.json").write_text(json.dumps(settings))
+    loaded = BM25Index.load(tmp_path)
+    assert loaded.ngrams == 1
+    np.testing.assert_array_equal(loaded.scores(["left effusion"]), BM25Index(ngrams=1).index(CORPUS).scores(["left effusion"]))
+
+
 def test_reciprocal_rank_fusion_by_hand():
     dense = np.array([[0.9, 0.1, 0.5]])  # ranks 1, 3, 2
     lexical = np.array([[0.0, 3.0, 3.0]])  # ranks 3, 1, 1 (a tie shares the best rank)

@@ -38,18 +38,35 @@ def _bm25s():
     return bm25s
 
 
-def bm25_tokens(texts: Sequence[str]) -> list[list[str]]:
-    """Lower-cased word tokens. No stop words are removed: "no" and "without" carry the negations reports hinge on."""
-    return _bm25s().tokenize(list(texts), stopwords=None, return_ids=False, show_progress=False)
+def bm25_tokens(texts: Sequence[str], ngrams: int = 2) -> list[list[str]]:
+    """Lower-cased word tokens, plus word bigrams ("no effusion", "left pleural") when `ngrams` is 2.
+
+    No stop words are removed: "no" and "without" carry the negations reports hinge on. Bigrams let BM25 tell
+    "no effusion" from "left effusion"; on findings->impression over 4 random 310-study draws of the
+    *training* studies they raised BM25's unique-impression R@1 from 0.320 to 0.361 (with unique query terms).
+    """
+    if ngrams not in (1, 2):
+        raise ValueError(f"`ngrams` must be 1 or 2, got {ngrams}.")
+    words = _bm25s().tokenize(list(texts), stopwords=None, return_ids=False, show_progress=False)
+    if ngrams == 1:
+        return words
+    return [tokens + [f"{first} {second}" for first, second in zip(tokens, tokens[1:])] for tokens in words]
 
 
 class BM25Index:
-    """BM25 (Lucene variant) statistics of a corpus; `scores` gives every document's score for each query."""
+    """BM25 (Lucene variant) statistics of a corpus; `scores` gives every document's score for each query.
 
-    def __init__(self, k1: float = 1.5, b: float = 0.75):
+    Each distinct query term counts once: a long query (a findings section) that repeats "pleural" five times
+    would otherwise outweigh its rarer, more specific words (measured: unique-impression R@1 0.280 -> 0.320 on
+    the training draws above, unigrams).
+    """
+
+    def __init__(self, k1: float = 1.5, b: float = 0.75, ngrams: int = 2):
         if k1 < 0 or not 0.0 <= b <= 1.0:
             raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}.")
-        self.k1, self.b = k1, b
+        if ngrams not in (1, 2):
+            raise ValueError(f"`ngrams` must be 1 or 2, got {ngrams}.")
+        self.k1, self.b, self.ngrams = k1, b, ngrams
         self._retriever = None
         self.size = 0
 
@@ -58,7 +75,7 @@ class BM25Index:
         if not corpus:
             raise ValueError("BM25Index.index: the corpus is empty.")
         self._retriever = _bm25s().BM25(k1=self.k1, b=self.b)
-        self._retriever.index(bm25_tokens(corpus), show_progress=False)
+        self._retriever.index(bm25_tokens(corpus, self.ngrams), show_progress=False)
         self.size = len(corpus)
         return self
 
@@ -68,8 +85,8 @@ class BM25Index:
             raise ValueError("BM25Index has no corpus: call `index(texts)` or `BM25Index.load(folder)` first.")
         out = np.zeros((len(queries), self.size), dtype=np.float32)
         vocabulary = self._retriever.vocab_dict
-        for i, tokens in enumerate(bm25_tokens(queries)):
-            known = [token for token in tokens if token in vocabulary]
+        for i, tokens in enumerate(bm25_tokens(queries, self.ngrams)):
+            known = [token for token in dict.fromkeys(tokens) if token in vocabulary]
             if known:  # bm25s rejects tokens it never saw
                 out[i] = self._retriever.get_scores(known)
         return out
@@ -81,7 +98,7 @@ class BM25Index:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._retriever.save(str(folder), show_progress=False)
-        settings = {"k1": self.k1, "b": self.b, "size": self.size}
+        settings = {"k1": self.k1, "b": self.b, "ngrams": self.ngrams, "size": self.size}
         (folder / _PARAMS_FILE).write_text(json.dumps(settings) + "\n", encoding="utf-8")
 
     @classmethod
@@ -92,7 +109,8 @@ class BM25Index:
             raise FileNotFoundError(f"{folder}: no BM25 statistics ({_PARAMS_FILE} is missing).")
         try:
             settings = json.loads(settings_file.read_text(encoding="utf-8"))
-            index = cls(settings["k1"], settings["b"])
+            # Statistics saved before bigrams existed were unigram ones.
+            index = cls(settings["k1"], settings["b"], settings.get("ngrams", 1))
             index._retriever = _bm25s().BM25.load(str(folder), show_progress=False)
             index.size = int(settings["size"])
         except (ValueError, KeyError, OSError) as error:
