@@ -64,7 +64,9 @@ def test_bm25_statistics_saved_before_bigrams_load_as_unigram_ones(tmp_path):
     (tmp_path / "bm25_settings.json").write_text(json.dumps(settings))
     loaded = BM25Index.load(tmp_path)
     assert loaded.ngrams == 1
-    np.testing.assert_array_equal(loaded.scores(["left effusion"]), BM25Index(ngrams=1).index(CORPUS).scores(["left effusion"]))
+    np.testing.assert_array_equal(
+        loaded.scores(["left effusion"]), BM25Index(ngrams=1).index(CORPUS).scores(["left effusion"])
+    )
 
 
 def test_reciprocal_rank_fusion_by_hand():
