@@ -73,14 +73,7 @@ def embed_in_chunks(
         raise ValueError(f"The dataset has no column {column!r}; its columns are {dataset.column_names}.")
     output_dir = Path(output_dir)
     final = output_dir / EMBEDDINGS_FILE
-    manifest = {
-        "num_rows": len(dataset),
-        "column": column,
-        "chunk_size": chunk_size,
-        "encoder": encoder_name,
-        "dtype": np.dtype(dtype).name,
-        "data_fingerprint": _fingerprint(dataset, column),
-    }
+    manifest = _run_manifest(dataset, column, chunk_size, encoder_name, dtype)
     # Two runs on one folder would write and delete each other's chunks: they take turns.
     with output_lock(output_dir, wait=wait, on_wait=on_wait):
         _check_or_write_manifest(output_dir, manifest)
@@ -115,6 +108,19 @@ def embed_in_chunks(
         _join_chunks(paths, final, dtype)
         shutil.rmtree(chunks_dir)
         return np.load(final, mmap_mode="r")
+
+
+def _run_manifest(dataset, column: str, chunk_size: int, encoder_name: str, dtype: str) -> dict:
+    """What a resumable embedding folder records about its run (`manifest.json`); a rerun must match it, so that
+    chunks of two datasets, chunkings, encoders or dtypes are never mixed (`_check_or_write_manifest`)."""
+    return {
+        "num_rows": len(dataset),
+        "column": column,
+        "chunk_size": chunk_size,
+        "encoder": encoder_name,
+        "dtype": np.dtype(dtype).name,
+        "data_fingerprint": _fingerprint(dataset, column),
+    }
 
 
 def _fingerprint(dataset, column: str) -> str:

@@ -39,7 +39,7 @@ import numpy as np
 
 from ..errors import CorruptFileError, InputError, LLM2CLIP4CXRError
 from ..fileio import atomic_write, output_lock, remove_partial_writes
-from .embedding import _MANIFEST_FILE, _check_or_write_manifest, _fingerprint
+from .embedding import _MANIFEST_FILE, _check_or_write_manifest, _run_manifest
 
 __all__ = ["ImageEncoder", "RayWorkerError", "SHARDS_DIR", "TextEncoder", "embed_with_ray", "read_shards"]
 
@@ -218,15 +218,8 @@ def embed_with_ray(
     if len(dataset) == 0:
         raise InputError("The dataset is empty: nothing to embed.")
     output_dir = Path(output_dir)
-    manifest = {
-        "num_rows": len(dataset),
-        "column": column,
-        "chunk_size": rows_per_shard,
-        "encoder": encoder_name,
-        "dtype": np.dtype(dtype).name,
-        "data_fingerprint": _fingerprint(dataset, column),
-        "format": _FORMAT,
-    }
+    # The manifest of `embed_in_chunks` (the same rule for a rerun) plus the format of the shards.
+    manifest = {**_run_manifest(dataset, column, rows_per_shard, encoder_name, dtype), "format": _FORMAT}
     num_shards = math.ceil(len(dataset) / rows_per_shard)
     with output_lock(output_dir, wait=wait, on_wait=on_wait):
         _check_or_write_manifest(output_dir, manifest)
