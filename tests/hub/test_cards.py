@@ -10,7 +10,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from llm2clip4cxr import LLM2CLIP4CXRConfig, LLM2Vec4CXRConfig, default_model_path
 from llm2clip4cxr.data import read_reports_csv
 from llm2clip4cxr.evaluation import baselines, harness
-from llm2clip4cxr.hub.cards import model_card, select_model_results, write_text_model_card
+from llm2clip4cxr.hub.cards import model_card, select_model_results, where_it_loses, write_text_model_card
 
 from ..shared_data import HAVE_OPENI, OPENI_REPORTS, needs_openi
 
@@ -63,6 +63,32 @@ def test_harness_results_become_the_model_index(harness_results):
     # The table lists every model measured in the same run.
     assert "| tfidf |" in card.text and "| bm25 |" in card.text and "60 studies" in card.text
     assert "Not a medical device" in card.text
+
+
+def test_card_states_every_metric_another_model_of_the_run_wins(harness_results):
+    tfidf, bm25 = harness_results["models"]["tfidf"], harness_results["models"]["bm25"]
+    losses = where_it_loses(harness_results, "bm25")
+    expected = {
+        (task, metric) for task, metrics in (
+            ("findings_to_impression", ("recall@1", "recall@5", "recall@10", "mrr")),
+            ("paraphrase", ("recall@1", "recall@5", "recall@10", "mrr")),
+            ("clinical_ordering", ("accuracy",)), ("zero_shot_labels", ("macro_auroc", "macro_f1")),
+        ) for metric in metrics if tfidf[task][metric] > bm25[task][metric]
+    }
+    if tfidf["findings_to_impression"]["unique_impressions"]["recall@1"] > bm25["findings_to_impression"][
+            "unique_impressions"]["recall@1"]:
+        expected.add(("findings_to_impression", "recall@1 (unique impressions)"))
+    assert expected, "the fixture no longer has a metric where TF-IDF beats BM25"
+    assert len(losses) == len(expected) + (tfidf["error_discrimination"]["macro_accuracy"]
+                                           > bm25["error_discrimination"]["macro_accuracy"])
+    assert all(", below tfidf " in line for line in losses)
+    assert where_it_loses(harness_results, "tfidf") == [] or all("below bm25" in line for line in
+                                                              where_it_loses(harness_results, "tfidf"))
+    config = LLM2Vec4CXRConfig(backbone_config={"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                                                "num_attention_heads": 4, "vocab_size": 100})
+    card = model_card(config, "org/enc", results=harness_results, results_model="bm25")
+    assert "Where this model loses in this run:" in card.text
+    assert all(f"- {line}" in card.text for line in losses)
 
 
 def test_unknown_tasks_publish_their_headline_metrics_only():

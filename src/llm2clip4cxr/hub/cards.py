@@ -142,7 +142,38 @@ def evaluation_table(results: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _evaluation_text(results: Mapping) -> str:
+def _headline_values(task: str, metrics: Mapping) -> dict[str, float]:
+    """The published metrics of a task, plus findings->impression recall@1 on unique impressions (the strict
+    subset where a model cannot score by ranking a common normal impression first)."""
+    values = {metric: float(metrics[metric]) for metric in _published_metrics(task, metrics)}
+    unique = metrics.get("unique_impressions")
+    if task == "findings_to_impression" and isinstance(unique, Mapping) and "recall@1" in unique:
+        values["recall@1 (unique impressions)"] = float(unique["recall@1"])
+    return values
+
+
+def where_it_loses(results: Mapping, model: str) -> list[str]:
+    """One line per metric on which another model of the same run beats `model`, naming each that does.
+
+    Cards state these plainly so a reader does not have to find them in the table."""
+    models = results_by_model(results)
+    lines = []
+    for task, metrics in models.get(model, {}).items():
+        for metric, value in _headline_values(task, metrics).items():
+            better = {
+                name: other
+                for name, tasks in models.items()
+                if name != model and (other := _headline_values(task, tasks.get(task, {})).get(metric)) is not None
+                and other > value
+            }
+            if better:
+                ranked = sorted(better.items(), key=lambda item: -item[1])
+                beaten_by = ", ".join(f"{name} {other:.3f}" for name, other in ranked)
+                lines.append(f"{_SHORT_NAMES.get(task, task)} {metric}: {value:.3f}, below {beaten_by}")
+    return lines
+
+
+def _evaluation_text(results: Mapping, model: str | None = None) -> str:
     data = results.get("data")
     if isinstance(data, Mapping) and "validation_studies" in data:  # a training summary
         where = f"On {data['validation_studies']} held-out Open-I studies ({data['split']})"
@@ -166,6 +197,12 @@ def _evaluation_text(results: Mapping) -> str:
             "\n\nError discrimination uses the same rule-based variant generators as training (on held-out "
             "reports), so it measures how well the model learned those rules, not robustness to errors "
             "written by people or LLMs. Identical impressions count as relevant in retrieval."
+        )
+    if model is not None:
+        losses = where_it_loses(results, model)
+        text += (
+            "\n\nWhere this model loses in this run:\n\n" + "\n".join(f"- {line}" for line in losses)
+            if losses else "\n\nNo other model of this run scores higher on any metric above."
         )
     return text
 
@@ -230,7 +267,7 @@ def model_card(
         raise ValueError("An adapter card needs `base_model`: the Hub id of the model the adapter applies to.")
     model_name = model_name or repo_id.split("/")[-1]
     pipeline_tag = PIPELINE_TAGS[kind]
-    entries = []
+    entries, chosen = [], None
     if results is not None:
         chosen = select_model_results(results, [results_model, model_name])
         entries = eval_results(results, chosen, task_type=pipeline_tag)
@@ -259,7 +296,7 @@ def model_card(
         base_model=base_model,
         adapter=adapter,
         training_description=training_description,
-        evaluation_table=_evaluation_text(results) if results is not None else None,
+        evaluation_table=_evaluation_text(results, chosen) if results is not None else None,
         data_description=_data_text(results),
         **extra,
     )
