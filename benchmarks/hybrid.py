@@ -1,6 +1,6 @@
 """Hybrid (dense + BM25) search latency against dense search alone, on one EmbeddingIndex, in one run.
 
-    python benchmarks/hybrid.py [--reports 10000] [--dim 256] [--queries 100] [--kind flat]
+    python benchmarks/hybrid.py [--reports 10000] [--dim 256] [--queries 100] [--kind flat] [--fusion normalized]
 
 The corpus is report text (the Open-I reports when ../shared/data is there, topped up with synthetic
 reports from `llm2clip4cxr.augment.synthetic`) with random unit vectors: search latency does not depend on
@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from llm2clip4cxr.augment.synthetic import build_synthetic_triplets
+from llm2clip4cxr.retrieval.hybrid import DEFAULT_FUSION, FUSION_METHODS
 from llm2clip4cxr.retrieval.index import EmbeddingIndex
 
 
@@ -46,6 +47,7 @@ def main(argv=None):
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--kind", default="flat", choices=("flat", "hnsw", "ivf", "pq"))
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--fusion", default=DEFAULT_FUSION, choices=FUSION_METHODS)
     args = parser.parse_args(argv)
 
     texts = corpus_texts(args.reports)
@@ -66,9 +68,11 @@ def main(argv=None):
         batches = [(query_vectors[i : i + per_call], query_texts[i : i + per_call])
                    for i in range(0, args.queries, per_call)]
         dense = per_query_ms(lambda batch: index.search(batch[0], k=args.k), batches)
-        hybrid = per_query_ms(lambda batch: index.search_hybrid(batch[0], batch[1], k=args.k), batches)
-        print(f"{per_call:>4} queries per call: dense {dense:8.3f} ms/query   hybrid (rrf) {hybrid:8.3f} ms/query   "
-              f"hybrid / dense {hybrid / dense:6.1f}x")
+        hybrid = per_query_ms(
+            lambda batch: index.search_hybrid(batch[0], batch[1], k=args.k, method=args.fusion), batches
+        )
+        print(f"{per_call:>4} queries per call: dense {dense:8.3f} ms/query   hybrid ({args.fusion}) "
+              f"{hybrid:8.3f} ms/query   hybrid / dense {hybrid / dense:6.1f}x")
 
 
 if __name__ == "__main__":

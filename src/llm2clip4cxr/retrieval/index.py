@@ -49,6 +49,7 @@ import numpy as np
 from .. import fileio
 from ..errors import CorruptFileError, InputError
 from ..fileio import atomic_write_json, fsync_directory, honour_umask, is_partial_write, output_lock, sha256_file
+from .hybrid import DEFAULT_FUSION
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "pq")
 
@@ -338,7 +339,7 @@ class EmbeddingIndex:
         queries,
         query_texts: Sequence[str],
         k: int,
-        method: str = "rrf",
+        method: str = DEFAULT_FUSION,
         weights: tuple[float, float] | None = None,
         candidates: int | None = None,
     ) -> list[list[tuple[str, float, dict]]]:
