@@ -1,10 +1,13 @@
-"""Where things are by default: the models shipped inside the package, and the folder of real CXR data."""
+"""Where things are by default: the models shipped inside the package, and the folder of real CXR data; and the
+hybrid search's fusion methods, here (not in retrieval.hybrid, which imports numpy) so the CLI's --help stays light."""
 
 import os
 from pathlib import Path
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 KINDS = ("text", "clip")
+FUSION_METHODS = ("rrf", "normalized")
+DEFAULT_FUSION = "normalized"  # the CLI's, fuse()'s, HybridScorer's and EmbeddingIndex.search_hybrid's default
 # ../shared/data beside the project root, as laid out for development and CI.
 _DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

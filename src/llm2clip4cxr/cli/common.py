@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..defaults import DEFAULT_FUSION, FUSION_METHODS
 from ..errors import InputError
 from ..fileio import atomic_write_text
 from ..fileio import output_lock as _output_lock
@@ -123,7 +124,7 @@ HYBRID.add_argument(
     help="fuse the dense ranking with BM25 (bm25s): scores become fusion scores (docs/retrieval.md)",
 )
 HYBRID.add_argument(
-    "--fusion", choices=("rrf", "normalized"), default="normalized",
+    "--fusion", choices=FUSION_METHODS, default=DEFAULT_FUSION,
     help="--hybrid fusion: min-max normalised scores, equal weights (default) or reciprocal-rank (k=60)",
 )
 

@@ -156,15 +156,17 @@ def where_it_loses(results: Mapping, model: str) -> list[str]:
     """One line per metric on which another model of the same run beats `model`, naming each that does.
 
     Cards state these plainly so a reader does not have to find them in the table."""
-    models = results_by_model(results)
+    headline = {
+        name: {task: _headline_values(task, metrics) for task, metrics in tasks.items()}
+        for name, tasks in results_by_model(results).items()
+    }
     lines = []
-    for task, metrics in models.get(model, {}).items():
-        for metric, value in _headline_values(task, metrics).items():
+    for task, values in headline.get(model, {}).items():
+        for metric, value in values.items():
             better = {
                 name: other
-                for name, tasks in models.items()
-                if name != model and (other := _headline_values(task, tasks.get(task, {})).get(metric)) is not None
-                and other > value
+                for name, tasks in headline.items()
+                if name != model and (other := tasks.get(task, {}).get(metric)) is not None and other > value
             }
             if better:
                 ranked = sorted(better.items(), key=lambda item: -item[1])

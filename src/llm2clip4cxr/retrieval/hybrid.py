@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-FUSION_METHODS = ("rrf", "normalized")
-DEFAULT_FUSION = "normalized"  # the CLI's, fuse()'s, HybridScorer's and EmbeddingIndex.search_hybrid's default
+from ..defaults import DEFAULT_FUSION, FUSION_METHODS
+
 RRF_K = 60
 DEFAULT_WEIGHTS = (1.0, 1.0)
 _PARAMS_FILE = "bm25_settings.json"
@@ -41,6 +41,11 @@ def _bm25s():
     return bm25s
 
 
+def _check_ngrams(ngrams: int) -> None:
+    if ngrams not in (1, 2):
+        raise ValueError(f"`ngrams` must be 1 or 2, got {ngrams}.")
+
+
 def bm25_tokens(texts: Sequence[str], ngrams: int = 2) -> list[list[str]]:
     """Lower-cased word tokens, plus word bigrams ("no effusion", "left pleural") when `ngrams` is 2.
 
@@ -48,8 +53,7 @@ def bm25_tokens(texts: Sequence[str], ngrams: int = 2) -> list[list[str]]:
     "no effusion" from "left effusion"; on findings->impression over 4 random 310-study draws of the
     *training* studies they raised BM25's unique-impression R@1 from 0.320 to 0.361 (with unique query terms).
     """
-    if ngrams not in (1, 2):
-        raise ValueError(f"`ngrams` must be 1 or 2, got {ngrams}.")
+    _check_ngrams(ngrams)
     words = _bm25s().tokenize(list(texts), stopwords=None, return_ids=False, show_progress=False)
     if ngrams == 1:
         return words
@@ -67,8 +71,7 @@ class BM25Index:
     def __init__(self, k1: float = 1.5, b: float = 0.75, ngrams: int = 2):
         if k1 < 0 or not 0.0 <= b <= 1.0:
             raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}.")
-        if ngrams not in (1, 2):
-            raise ValueError(f"`ngrams` must be 1 or 2, got {ngrams}.")
+        _check_ngrams(ngrams)
         self.k1, self.b, self.ngrams = k1, b, ngrams
         self._retriever = None
         self.size = 0
@@ -134,6 +137,11 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
     return ranks.astype(np.float64)
 
 
+def _check_fusion_method(method: str) -> None:
+    if method not in FUSION_METHODS:
+        raise ValueError(f"`method` must be one of {FUSION_METHODS}, got {method!r}.")
+
+
 def fuse(
     dense: np.ndarray,
     lexical: np.ndarray,
@@ -148,8 +156,7 @@ def fuse(
         raise ValueError(
             f"dense and lexical scores must be 2-D and of one shape, got {dense.shape} and {lexical.shape}."
         )
-    if method not in FUSION_METHODS:
-        raise ValueError(f"`method` must be one of {FUSION_METHODS}, got {method!r}.")
+    _check_fusion_method(method)
     w_dense, w_lexical = weights
     if w_dense < 0 or w_lexical < 0 or w_dense + w_lexical == 0:
         raise ValueError(f"`weights` must be non-negative and not both 0, got {weights}.")
@@ -174,8 +181,7 @@ class HybridScorer:
         k1: float = 1.5,
         b: float = 0.75,
     ):
-        if method not in FUSION_METHODS:
-            raise ValueError(f"`method` must be one of {FUSION_METHODS}, got {method!r}.")
+        _check_fusion_method(method)
         self.encoder, self.method, self.weights, self.k1, self.b = encoder, method, weights, k1, b
 
     def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:

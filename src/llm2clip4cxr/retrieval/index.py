@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 
 from .. import fileio
+from ..defaults import DEFAULT_FUSION
 from ..errors import CorruptFileError, InputError
 from ..fileio import atomic_write_json, fsync_directory, honour_umask, is_partial_write, output_lock, sha256_file
-from .hybrid import DEFAULT_FUSION
 
 INDEX_KINDS = ("flat", "hnsw", "ivf", "pq")
 
