@@ -16,19 +16,21 @@ CORPUS = ["Small left pleural effusion.", "No pneumothorax.", "Large right effus
 
 def test_bm25_index_equals_the_bm25_baseline_and_round_trips(tmp_path):
     queries = ["pleural effusion", "pneumothorax", "unknown words only", "Right effusion"]
-    index = BM25Index().index(CORPUS)
+    index = BM25Index().index(CORPUS, idf_texts=CORPUS + queries)
     scores = index.scores(queries)
     np.testing.assert_allclose(scores, bm25_scorer().score(queries, CORPUS), rtol=1e-6)
     assert not scores[2].any()
     index.save(tmp_path / "lexical")
-    np.testing.assert_array_equal(BM25Index.load(tmp_path / "lexical").scores(queries), scores)
+    loaded = BM25Index.load(tmp_path / "lexical")
+    np.testing.assert_array_equal(loaded.scores(queries), scores)
+    assert loaded.idf_documents == len(CORPUS + queries)
     with pytest.raises(FileNotFoundError, match="no BM25 statistics"):
         BM25Index.load(tmp_path)
 
 
-def _lucene_bm25(queries, corpus, k1=1.5, b=0.75):
+def _lucene_bm25(queries, corpus, k1=1.5, b=0.75, idf_texts=None):
     """Reference: Lucene BM25 (no (k1 + 1) factor since Lucene 8) over words + bigrams, each distinct query
-    term once."""
+    term once; document frequencies counted over `idf_texts` (default: the corpus)."""
     import math
     import re
 
@@ -37,12 +39,13 @@ def _lucene_bm25(queries, corpus, k1=1.5, b=0.75):
         return words + [f"{a} {b}" for a, b in zip(words, words[1:])]
 
     docs = [terms(text) for text in corpus]
+    idf_docs = docs if idf_texts is None else [terms(text) for text in idf_texts]
     average = sum(map(len, docs)) / len(docs)
     out = np.zeros((len(queries), len(corpus)))
     for i, query in enumerate(queries):
         for term in dict.fromkeys(terms(query)):
-            frequency = sum(term in doc for doc in docs)
-            idf = math.log(1 + (len(docs) - frequency + 0.5) / (frequency + 0.5))
+            frequency = sum(term in doc for doc in idf_docs)
+            idf = math.log(1 + (len(idf_docs) - frequency + 0.5) / (frequency + 0.5))
             for j, doc in enumerate(docs):
                 tf = doc.count(term)
                 out[i, j] += idf * tf / (tf + k1 * (1 - b + b * len(doc) / average)) if tf else 0.0
@@ -55,6 +58,18 @@ def test_bm25_scores_equal_a_hand_computed_lucene_bm25_with_bigrams():
     # The bigram "left pleural" ranks the left effusion above the right one; unigrams alone tie on "effusion".
     scores = BM25Index().index(CORPUS).scores(["left pleural effusion"])[0]
     assert scores[0] > scores[2] > 0
+
+
+def test_bm25_idf_counted_over_other_texts_equals_the_hand_computed_reference():
+    queries = ["No left pleural effusion. Pleural effusion, pleural thickening.", "left effusion", "heart size"]
+    # "effusion" is in half the corpus but rare among the background texts, so its IDF (and score) rises.
+    background = CORPUS + ["Heart size normal. Lungs clear.", "No acute disease.", "Normal heart size.",
+                           "Clear lungs, no pneumothorax."]
+    index = BM25Index().index(CORPUS, idf_texts=background)
+    np.testing.assert_allclose(index.scores(queries), _lucene_bm25(queries, CORPUS, idf_texts=background), rtol=1e-5)
+    assert index.scores(["effusion"])[0, 0] > BM25Index().index(CORPUS).scores(["effusion"])[0, 0]
+    with pytest.raises(ValueError, match="idf_texts"):
+        BM25Index().index(CORPUS, idf_texts=[])
 
 
 def test_bm25_statistics_saved_before_bigrams_load_as_unigram_ones(tmp_path):
@@ -94,6 +109,10 @@ def test_hybrid_is_a_scorer_that_fixes_what_each_side_misses():
     assert isinstance(hybrid, Scorer)
     scores = hybrid.score(["left pleural effusion"], CORPUS)
     assert scores[0].argmax() == 0
+    # The lexical side counts IDF over the corpus and the queries, as the BM25 baseline does.
+    lexical = bm25_scorer().score(["left pleural effusion"], CORPUS)
+    dense_scores = dense(["left pleural effusion"]) @ dense(CORPUS).T
+    np.testing.assert_allclose(scores, fuse(dense_scores, lexical), rtol=1e-6)
     studies = [{"uid": row["uid"], "findings": row["findings"], "impression": row["impression"]} for row in ROWS]
     result = findings_to_impression_retrieval(HybridScorer(bag_of_words_encoder), studies)
     assert 0 <= result["recall@1"] <= 1 and result["num_queries"] == len(ROWS)

@@ -87,7 +87,9 @@ class BM25Scorer:
         self.k1, self.b = k1, b
 
     def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:
-        return BM25Index(self.k1, self.b).index(corpus).scores(queries)
+        # IDF over queries + corpus, as the TF-IDF baseline fits on every text (see `BM25Index.index`).
+        queries, corpus = list(queries), list(corpus)
+        return BM25Index(self.k1, self.b).index(corpus, idf_texts=corpus + queries).scores(queries)
 
 
 def bm25_scorer(k1: float = 1.5, b: float = 0.75) -> BM25Scorer:

@@ -12,7 +12,9 @@ Fusion methods (`fuse`):
         (no separate development split exists), so the hybrid's held-out number is slightly optimistic.
     "rrf": reciprocal-rank fusion, score = w_dense / (k + rank_dense) + w_lexical / (k + rank_lexical), with ranks
         over the scored candidates and k = 60 (Cormack et al. 2009); needs no score calibration.
-Default weights are dense 1.0, lexical 1.0.
+Default weights are dense 1.0, lexical 1.0, not tuned: the training studies cannot stand in for new ones (the
+default encoder retrieves their impressions at R@1 0.885 against 0.357 on held-out studies), and tuning on the
+held-out split would flatter the hybrid further.
 
 `BM25Index` keeps the lexical statistics of a corpus and saves them beside an `EmbeddingIndex`;
 `HybridScorer` is the harness's `Scorer` for evaluating an encoder + BM25 pair as one model.
@@ -21,6 +23,8 @@ Default weights are dense 1.0, lexical 1.0.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -75,15 +79,47 @@ class BM25Index:
         self.k1, self.b, self.ngrams = k1, b, ngrams
         self._retriever = None
         self.size = 0
+        self.idf_documents = 0
 
-    def index(self, corpus: Sequence[str]) -> BM25Index:
+    def index(self, corpus: Sequence[str], idf_texts: Sequence[str] | None = None) -> BM25Index:
+        """Index `corpus`. `idf_texts`: count the document frequencies of the IDF over these texts instead of
+        the corpus (they should include it). A small corpus of short texts gives a noisy IDF: scoring 166
+        impressions, IDF counted over the findings and impressions of the same studies raised findings->impression
+        R@1 from 0.158 to 0.188 (unique impressions 0.347 -> 0.408) on 4 random 310-study draws of the
+        *training* studies, level with TF-IDF fitted on the whole reports (0.188 / 0.406)."""
         corpus = list(corpus)
         if not corpus:
             raise ValueError("BM25Index.index: the corpus is empty.")
+        corpus_tokens = bm25_tokens(corpus, self.ngrams)
         self._retriever = _bm25s().BM25(k1=self.k1, b=self.b)
-        self._retriever.index(bm25_tokens(corpus, self.ngrams), show_progress=False)
+        self._retriever.index(corpus_tokens, show_progress=False)
         self.size = len(corpus)
+        self.idf_documents = self.size
+        if idf_texts is not None:
+            idf_texts = list(idf_texts)
+            if not idf_texts:
+                raise ValueError("BM25Index.index: `idf_texts` is empty; pass None to count over the corpus.")
+            self._reweight_idf(corpus_tokens, bm25_tokens(idf_texts, self.ngrams))
+            self.idf_documents = len(idf_texts)
         return self
+
+    def _reweight_idf(self, corpus_tokens: list[list[str]], idf_tokens: list[list[str]]) -> None:
+        # bm25s has no option for outside document frequencies, so its (document x term) score matrix, whose
+        # column of term t is idf(t) * tf-part, is rescaled column by column by idf_outside(t) / idf_corpus(t).
+        def lucene_idf(documents):
+            frequencies = Counter(term for tokens in documents for term in set(tokens))
+            count = len(documents)
+            return lambda term: math.log(1 + (count - frequencies[term] + 0.5) / (frequencies[term] + 0.5))
+
+        corpus_idf, outside_idf = lucene_idf(corpus_tokens), lucene_idf(idf_tokens)
+        scores = self._retriever.scores
+        data, pointers = scores["data"], scores["indptr"]
+        for term, column in self._retriever.vocab_dict.items():
+            if column + 1 >= len(pointers):  # bm25s' empty placeholder token has no column
+                continue
+            start, end = pointers[column], pointers[column + 1]
+            if end > start:
+                data[start:end] *= outside_idf(term) / corpus_idf(term)
 
     def scores(self, queries: Sequence[str]) -> np.ndarray:
         """`(len(queries), size)` float32 BM25 scores; a query without word tokens scores 0 everywhere."""
@@ -104,7 +140,8 @@ class BM25Index:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._retriever.save(str(folder), show_progress=False)
-        settings = {"k1": self.k1, "b": self.b, "ngrams": self.ngrams, "size": self.size}
+        settings = {"k1": self.k1, "b": self.b, "ngrams": self.ngrams, "size": self.size,
+                    "idf_documents": self.idf_documents}
         (folder / _PARAMS_FILE).write_text(json.dumps(settings) + "\n", encoding="utf-8")
 
     @classmethod
@@ -119,6 +156,7 @@ class BM25Index:
             index = cls(settings["k1"], settings["b"], settings.get("ngrams", 1))
             index._retriever = _bm25s().BM25.load(str(folder), show_progress=False)
             index.size = int(settings["size"])
+            index.idf_documents = int(settings.get("idf_documents", index.size))
         except (ValueError, KeyError, OSError) as error:
             raise ValueError(f"{folder}: unreadable BM25 statistics ({error}); rebuild the index.") from None
         return index
@@ -171,7 +209,11 @@ def fuse(
 
 
 class HybridScorer:
-    """An Encoder (texts -> L2-normalised embeddings) and BM25 fused into one `Scorer` for the harness."""
+    """An Encoder (texts -> L2-normalised embeddings) and BM25 fused into one `Scorer` for the harness.
+
+    BM25's IDF is counted over the corpus and the queries together (`BM25Index.index(idf_texts=...)`), as the
+    TF-IDF baseline is fitted on every text of the evaluation.
+    """
 
     def __init__(
         self,
@@ -185,8 +227,9 @@ class HybridScorer:
         self.encoder, self.method, self.weights, self.k1, self.b = encoder, method, weights, k1, b
 
     def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:
-        dense = self.encoder(list(queries)) @ self.encoder(list(corpus)).T
-        lexical = BM25Index(self.k1, self.b).index(corpus).scores(queries)
+        queries, corpus = list(queries), list(corpus)
+        dense = self.encoder(queries) @ self.encoder(corpus).T
+        lexical = BM25Index(self.k1, self.b).index(corpus, idf_texts=corpus + queries).scores(queries)
         return fuse(dense, lexical, self.method, self.weights).astype(np.float32)
 
 
