@@ -197,6 +197,30 @@ def normalize_report_text(text: str) -> str:
     return " ".join(str(text).split()).casefold()
 
 
+def _checked_relevance(relevant: Mapping[str, Iterable[str]], corpus_texts: Mapping[str, str]) -> dict[str, set]:
+    """`relevant` as sets, every id checked against the corpus."""
+    resolved = {}
+    for query_id, items in relevant.items():
+        items = set(items)
+        unknown = items - corpus_texts.keys()
+        if unknown:
+            raise ValueError(f"relevant[{query_id!r}] names corpus ids not in `corpus_texts`: {sorted(unknown)[:5]}.")
+        resolved[query_id] = items
+    return resolved
+
+
+def _shared_by_text_twins(resolved: dict[str, set], query_texts: Mapping[str, str]) -> dict[str, set]:
+    """Queries with identical (normalised) text get identical rankings, so each gets the union of its twins'
+    relevant items."""
+    missing = [query_id for query_id in resolved if query_id not in query_texts]
+    if missing:
+        raise ValueError(f"Queries {missing[:5]} are in `relevant` but not in `query_texts`.")
+    twins: dict[str, set[str]] = {}
+    for query_id, items in resolved.items():
+        twins.setdefault(normalize_report_text(query_texts[query_id]), set()).update(items)
+    return {q: set(twins[normalize_report_text(query_texts[q])]) for q in resolved}
+
+
 def relevant_with_duplicates(
     query_texts: Mapping[str, str] | None,
     corpus_texts: Mapping[str, str],
@@ -240,13 +264,7 @@ def relevant_with_duplicates(
     if rule not in DUPLICATE_RULES:
         raise ValueError(f"`rule` must be one of {DUPLICATE_RULES}, got {rule!r}.")
     corpus_ids = list(corpus_texts)
-    resolved = {}
-    for query_id, items in relevant.items():
-        items = set(items)
-        unknown = items - corpus_texts.keys()
-        if unknown:
-            raise ValueError(f"relevant[{query_id!r}] names corpus ids not in `corpus_texts`: {sorted(unknown)[:5]}.")
-        resolved[query_id] = items
+    resolved = _checked_relevance(relevant, corpus_texts)
     identity = {corpus_id: corpus_id for corpus_id in corpus_ids}
     if rule == "none":
         return DuplicateResolution(rule, corpus_ids, np.arange(len(corpus_ids), dtype=np.int64), resolved, identity)
@@ -266,14 +284,7 @@ def relevant_with_duplicates(
         resolved = {q: {representative[c] for c in items} for q, items in resolved.items()}
 
     if query_texts is not None:
-        missing = [query_id for query_id in resolved if query_id not in query_texts]
-        if missing:
-            raise ValueError(f"Queries {missing[:5]} are in `relevant` but not in `query_texts`.")
-        twins: dict[str, set[str]] = {}
-        for query_id, items in resolved.items():
-            twins.setdefault(normalize_report_text(query_texts[query_id]), set()).update(items)
-        resolved = {q: set(twins[normalize_report_text(query_texts[q])]) for q in resolved}
-
+        resolved = _shared_by_text_twins(resolved, query_texts)
     return DuplicateResolution(
         rule,
         [corpus_ids[j] for j in kept],

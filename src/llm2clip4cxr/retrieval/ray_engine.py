@@ -156,6 +156,21 @@ class _EmbedBlock:
                          "text_sha256": pa.array(hashes, pa.string()), "embedding": embedding})
 
 
+def _check_arguments(dataset, columns, rows_per_shard, num_workers, num_gpus_per_worker) -> None:
+    for name in columns:
+        if name not in dataset.column_names:
+            raise InputError(f"The dataset has no column {name!r}; its columns are {dataset.column_names}.")
+    if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, int) or rows_per_shard < 1:
+        raise InputError(f"rows_per_shard must be a positive int, got {rows_per_shard!r}.")
+    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                    or num_workers < 1):
+        raise InputError(f"num_workers must be a positive int, got {num_workers!r}.")
+    if not num_gpus_per_worker >= 0:
+        raise InputError(f"num_gpus_per_worker must be >= 0, got {num_gpus_per_worker!r}.")
+    if len(dataset) == 0:
+        raise InputError("The dataset is empty: nothing to embed.")
+
+
 def embed_with_ray(
     dataset,
     encoder: Callable[[], Callable[[Sequence[str]], np.ndarray]],
@@ -205,18 +220,7 @@ def embed_with_ray(
     """
     from tqdm.auto import tqdm
 
-    for name in (id_column, column):
-        if name not in dataset.column_names:
-            raise InputError(f"The dataset has no column {name!r}; its columns are {dataset.column_names}.")
-    if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, int) or rows_per_shard < 1:
-        raise InputError(f"rows_per_shard must be a positive int, got {rows_per_shard!r}.")
-    if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
-                                    or num_workers < 1):
-        raise InputError(f"num_workers must be a positive int, got {num_workers!r}.")
-    if not num_gpus_per_worker >= 0:
-        raise InputError(f"num_gpus_per_worker must be >= 0, got {num_gpus_per_worker!r}.")
-    if len(dataset) == 0:
-        raise InputError("The dataset is empty: nothing to embed.")
+    _check_arguments(dataset, (id_column, column), rows_per_shard, num_workers, num_gpus_per_worker)
     output_dir = Path(output_dir)
     # The manifest of `embed_in_chunks` (the same rule for a rerun) plus the format of the shards.
     manifest = {**_run_manifest(dataset, column, rows_per_shard, encoder_name, dtype), "format": _FORMAT}

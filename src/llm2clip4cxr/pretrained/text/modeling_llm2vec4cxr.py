@@ -459,38 +459,16 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
         device = torch.device(device) if device is not None else self.device
         if dtype is None and device.type == "cuda":
             dtype = torch.bfloat16
-        autocast = dtype is not None and dtype != torch.float32
-        pin = device.type == "cuda"
         # Longest first (a too-large batch fails at once); character length stands in for token length, so
         # nothing is tokenized up front: each batch is tokenized (one ahead, in a thread) when it is needed.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-        def prepare(rows):
-            features, truncated = self.tokenize([texts[i] for i in rows], instruction, return_truncated_count=True)
-            if pin:
-                features = {key: value.pin_memory() for key, value in features.items()}
-            return features, truncated
-
+        batches = [[texts[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 10
         was_training = self.training
         self.eval()
-        chunks, truncated = [], 0
         try:
-            with ThreadPoolExecutor(max_workers=1) as producer:
-                pending = producer.submit(prepare, batches[0])
-                for number in logging.tqdm(range(len(batches)), desc="Encoding", disable=not show_progress_bar):
-                    features, batch_truncated = pending.result()
-                    truncated += batch_truncated
-                    if number + 1 < len(batches):
-                        pending = producer.submit(prepare, batches[number + 1])
-                    batch = {key: value.to(device, non_blocking=pin) for key, value in features.items()}
-                    with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                        pooled = self(**batch).pooler_output
-                    if normalize:
-                        pooled = F.normalize(pooled.float(), p=2, dim=-1)
-                    chunks.append(pooled.float())  # stays on the device: one transfer at the end
+            chunks, truncated = self._encode_batches(batches, instruction, device, dtype, normalize, show_progress_bar)
         finally:
             self.train(was_training)
         if truncated:
@@ -506,6 +484,34 @@ class LLM2Vec4CXRModel(LLM2Vec4CXRPreTrainedModel):
         if single:
             embeddings = embeddings[0]
         return embeddings.numpy() if convert_to_numpy else embeddings
+
+    def _encode_batches(self, batches, instruction, device, dtype, normalize, show_progress_bar):
+        """(pooled float32 embeddings of each batch, kept on `device`; number of truncated reports). Batch n + 1
+        is tokenized in a thread (into pinned memory on CUDA) while batch n runs."""
+        autocast = dtype is not None and dtype != torch.float32
+        pin = device.type == "cuda"
+
+        def prepare(batch_texts):
+            features, truncated = self.tokenize(batch_texts, instruction, return_truncated_count=True)
+            if pin:
+                features = {key: value.pin_memory() for key, value in features.items()}
+            return features, truncated
+
+        chunks, truncated = [], 0
+        with ThreadPoolExecutor(max_workers=1) as producer:
+            pending = producer.submit(prepare, batches[0])
+            for number in logging.tqdm(range(len(batches)), desc="Encoding", disable=not show_progress_bar):
+                features, batch_truncated = pending.result()
+                truncated += batch_truncated
+                if number + 1 < len(batches):
+                    pending = producer.submit(prepare, batches[number + 1])
+                batch = {key: value.to(device, non_blocking=pin) for key, value in features.items()}
+                with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                    pooled = self(**batch).pooler_output
+                if normalize:
+                    pooled = F.normalize(pooled.float(), p=2, dim=-1)
+                chunks.append(pooled.float())  # stays on the device: one transfer at the end
+        return chunks, truncated
 
     # ------------------------------------------------------------------ loading and saving
 
