@@ -68,6 +68,37 @@ def test_shipped_results_are_the_harness_on_the_held_out_studies(default_dir):
                 assert now[task][metric] == pytest.approx(shipped["models"][name][task][metric], abs=1e-6)
 
 
+RELEASE_GATE = 0.90
+
+
+@pytest.fixture(scope="module")
+def ordering_as_a_user_scores_it(default_dir):
+    """The clinical ordering suite scored through sentence-transformers without a prompt, as a new user would."""
+    from llm2clip4cxr.evaluation.tasks import clinical_ordering, load_clinical_ordering_suite
+
+    st = SentenceTransformer(str(default_dir), trust_remote_code=True)
+    return clinical_ordering(lambda texts: st.encode(list(texts), normalize_embeddings=True),
+                             load_clinical_ordering_suite())
+
+
+def test_ordering_through_sentence_transformers_is_the_recorded_one(default_dir, ordering_as_a_user_scores_it):
+    shipped = json.loads((default_dir / "results.json").read_text())
+    recorded = next(model["clinical_ordering"]["accuracy"] for name, model in shipped["models"].items()
+                    if name.startswith("LLM2Vec4CXR-tiny"))
+    result = ordering_as_a_user_scores_it
+    assert result["accuracy"] == pytest.approx(recorded, abs=1.5 / result["num_triplets"])  # a near-tie may flip
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="release gate of the default-quality issue not met: the shipped default orders fewer than 90% of the "
+    "clinical ordering suite correctly (its results.json and docs/evaluation.md give the number). Strict: when a "
+    "default passes, this test XPASSes, which fails the suite until the marker is removed.",
+)
+def test_release_gate_the_shipped_default_orders_the_clinical_suite(ordering_as_a_user_scores_it):
+    assert ordering_as_a_user_scores_it["accuracy"] >= RELEASE_GATE
+
+
 def test_default_checkpoint_code_is_the_package_code(default_dir):
     for name in ("configuration_llm2vec4cxr.py", "modeling_llm2vec4cxr.py"):
         assert (default_dir / name).read_bytes() == (MODELING_DIR / name).read_bytes(), (
