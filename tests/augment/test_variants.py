@@ -24,6 +24,7 @@ from llm2clip4cxr.augment.variants import (
     substitute_finding,
     swap_change_status,
     swap_laterality,
+    typo_words,
 )
 
 ALL_GENERATORS = {**POSITIVE_GENERATORS, **NEGATIVE_GENERATORS}
@@ -245,7 +246,9 @@ def test_generators_are_deterministic_and_change_the_text(name):
 
 @pytest.mark.parametrize("name", ALL_GENERATORS)
 def test_generators_return_none_when_nothing_changes(name):
-    assert ALL_GENERATORS[name]("Heart size normal.", 0) is None
+    # A typo can hit any long word, so its no-op text has only short words and cues.
+    unchangeable = "No left PTX." if name == "typo_words" else "Heart size normal."
+    assert ALL_GENERATORS[name](unchangeable, 0) is None
     assert ALL_GENERATORS[name]("", 0) is None
 
 
@@ -365,3 +368,34 @@ def test_load_triplets_jsonl_drops_unchanged_variants(tmp_path):
     )
     with pytest.warns(UserWarning, match=r"dropped 1 line\(s\).*lines \[2\]"):
         assert len(load_triplets_jsonl(path)) == 1
+
+
+# --- typos -----------------------------------------------------------------------------------
+
+
+def _one_slip(original: str, misspelt: str) -> bool:
+    """Whether `misspelt` is `original` with two neighbouring letters swapped, one dropped or one doubled."""
+    if original[0] != misspelt[0]:
+        return False
+    swaps = {original[:i] + original[i + 1] + original[i] + original[i + 2 :] for i in range(len(original) - 1)}
+    drops = {original[:i] + original[i + 1 :] for i in range(len(original))}
+    doubles = {original[: i + 1] + original[i:] for i in range(len(original))}
+    return misspelt in swaps | drops | doubles
+
+
+def test_typo_words_misspells_one_or_two_words_by_one_slip_and_never_a_clinical_cue():
+    report = "Small left pleural effusion, improved. No pneumothorax without bilateral consolidation. Heart normal."
+    cues = {"Small", "left", "improved", "No", "without", "bilateral", "normal"}
+    counts = set()
+    for seed in range(200):
+        variant = typo_words(report, seed)
+        assert variant is not None and variant != report
+        changed = [(a, b) for a, b in zip(report.split(), variant.split()) if a != b]
+        assert len(report.split()) == len(variant.split())
+        counts.add(len(changed))
+        for original, misspelt in changed:
+            assert original.strip(".,") not in cues
+            assert _one_slip(original.strip(".,"), misspelt.strip(".,")), (original, misspelt)
+    assert counts == {1, 2}
+    assert typo_words(report, 3) == typo_words(report, 3)
+    assert typo_words("No left PTX. Mild, stable.", 0) is None  # nothing but short words and cues

@@ -32,11 +32,12 @@ def bag_of_words_encoder(texts):
 def test_paraphrase_retrieval_with_exact_ranks():
     reports = {
         "a": "No pleural effusion. Heart size normal.",
-        "b": "Cardiomegaly.",
+        "b": "Lung mass.",
         "c": "No pneumothorax. Lungs clear.",
     }
     queries = {uid: make_positive(text, random.Random(f"7:{uid}")) for uid, text in reports.items()}
-    # "Cardiomegaly." has one sentence and no abbreviation: no paraphrase, so no query (still in the corpus).
+    # "Lung mass." has one sentence, no abbreviation and no word long enough for a typo: no paraphrase, so no
+    # query (it is still in the corpus).
     assert queries["b"] is None and queries["a"] and queries["c"]
     vectors = {reports["a"]: [1, 0], reports["b"]: [0, 1], reports["c"]: [0.6, 0.8],
                queries["a"][0]: [0, 1], queries["c"][0]: [0.6, 0.8]}

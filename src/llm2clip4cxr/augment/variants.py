@@ -10,6 +10,8 @@ Positive kinds (same clinical content):
     contract_abbreviations "pneumothorax" -> "PTX", the reverse (first abbreviation listed wins).
     shuffle_sentences      the same sentences in another order.
     drop_boilerplate       drops non-clinical sentences; the list is `BOILERPLATE_RULES`.
+    typo_words             one or two words misspelt by a keyboard slip ("effusion" -> "effsuion"); never a
+                           negation, side, severity or change word.
     findings_impression    (`triplets.build_triplets` only) the findings section paired with the impression.
 
 Hard-negative kinds (one clinically wrong edit):
@@ -465,6 +467,56 @@ def drop_boilerplate(report: str, rng: RandomLike = None) -> str | None:
     return _changed(report, " ".join(kept))
 
 
+_TYPO_CANDIDATE = re.compile(r"\b[A-Za-z]{5,}\b")
+
+
+@functools.lru_cache(maxsize=1)
+def _typo_protected() -> re.Pattern:
+    """Words a typo must not touch: whatever a hard negative edits (negation, side, severity, size, change),
+    so that the typo cannot be read as a clinical change."""
+    words = {*SEVERITY_SWAPS, *CHANGE_STATUS_SWAPS, "bilateral", "bilaterally", "stable", "unchanged", "without",
+             "absent", "absence", "negative", "positive", "neither", "cannot", "never", "normal", "abnormal"}
+    return _word_pattern(words)
+
+
+def _typo(word: str, rng: random.Random) -> str:
+    """One keyboard slip inside `word` (its first letter kept): two neighbouring letters swapped, a letter
+    dropped or a letter doubled."""
+    i = rng.randrange(1, len(word) - 1)
+    kind = rng.choice(("swap", "drop", "double"))
+    if kind == "swap" and word[i].lower() != word[i + 1].lower():
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+    if kind == "double":
+        return word[: i + 1] + word[i] + word[i + 1 :]
+    return word[:i] + word[i + 1 :]
+
+
+def typo_words(report: str, rng: RandomLike = None) -> str | None:
+    """One or two seeded words of 5+ letters misspelt by one keyboard slip ("pneumothorax" -> "pneumothroax").
+
+    Reports are dictated and typed, and a misspelt word means what it misspells. A word a hard negative edits
+    (negation, side, severity, change) is never touched. The family teaches that one unfamiliar run of
+    sub-word pieces must not move a report's embedding far: before it, the shipped default put a report with
+    "pneumothorax" misspelt at cosine 0.55 from the original, below the same report with the word deleted
+    (0.85).
+    """
+    report, rng = _check_report(report), _as_rng(rng)
+    protected = _typo_protected()
+    candidates = [
+        match for match in _TYPO_CANDIDATE.finditer(report)
+        if not protected.fullmatch(match.group(0)) and not _NEGATION_CUE.fullmatch(match.group(0))
+        and not _LATERALITY_WORDS.fullmatch(match.group(0)) and match.group(0) != "XXXX"
+    ]
+    if not candidates:
+        return None
+    chosen = sorted(rng.sample(candidates, min(len(candidates), rng.choice((1, 1, 2)))), key=lambda m: m.start())
+    pieces, position = [], 0
+    for match in chosen:
+        pieces += [report[position : match.start()], _typo(match.group(0), rng)]
+        position = match.end()
+    return _changed(report, "".join(pieces) + report[position:])
+
+
 # ---------------------------------------------------------------------------------------------
 # Hard negatives
 # ---------------------------------------------------------------------------------------------
@@ -782,6 +834,7 @@ POSITIVE_GENERATORS: dict[str, Generator] = {
     "contract_abbreviations": contract_abbreviations,
     "shuffle_sentences": shuffle_sentences,
     "drop_boilerplate": drop_boilerplate,
+    "typo_words": typo_words,
 }
 NEGATIVE_GENERATORS: dict[str, Generator] = {
     "swap_laterality": swap_laterality,
@@ -853,4 +906,5 @@ __all__ = [
     "substitute_finding",
     "swap_change_status",
     "swap_laterality",
+    "typo_words",
 ]
