@@ -471,12 +471,17 @@ _TYPO_CANDIDATE = re.compile(r"\b[A-Za-z]{5,}\b")
 
 
 @functools.lru_cache(maxsize=1)
-def _typo_protected() -> re.Pattern:
-    """Words a typo must not touch: whatever a hard negative edits (negation, side, severity, size, change),
-    so that the typo cannot be read as a clinical change."""
-    words = {*SEVERITY_SWAPS, *CHANGE_STATUS_SWAPS, "bilateral", "bilaterally", "stable", "unchanged", "without",
-             "absent", "absence", "negative", "positive", "neither", "cannot", "never", "normal", "abnormal"}
+def _typo_protected_words() -> re.Pattern:
+    # Built on first use: the severity and change tables are defined further down.
+    words = {*SEVERITY_SWAPS, *CHANGE_STATUS_SWAPS, "bilateral", "bilaterally", "stable", "unchanged", "absence",
+             "negative", "positive", "normal", "abnormal"}
     return _word_pattern(words)
+
+
+def _protected_from_typos(word: str) -> bool:
+    """Whether `word` is one a hard negative edits (negation, side, severity, size, change): a typo there could
+    be read as a clinical change."""
+    return any(pattern.fullmatch(word) for pattern in (_typo_protected_words(), _NEGATION_CUE, _LATERALITY_WORDS))
 
 
 def _typo(word: str, rng: random.Random) -> str:
@@ -501,12 +506,7 @@ def typo_words(report: str, rng: RandomLike = None) -> str | None:
     (0.85).
     """
     report, rng = _check_report(report), _as_rng(rng)
-    protected = _typo_protected()
-    candidates = [
-        match for match in _TYPO_CANDIDATE.finditer(report)
-        if not protected.fullmatch(match.group(0)) and not _NEGATION_CUE.fullmatch(match.group(0))
-        and not _LATERALITY_WORDS.fullmatch(match.group(0)) and match.group(0) != "XXXX"
-    ]
+    candidates = [match for match in _TYPO_CANDIDATE.finditer(report) if not _protected_from_typos(match.group(0))]
     if not candidates:
         return None
     chosen = sorted(rng.sample(candidates, min(len(candidates), rng.choice((1, 1, 2)))), key=lambda m: m.start())

@@ -33,7 +33,7 @@ from ..checkpoints import check_model_folder, remote_code_guard
 from ..conversion.open_clip import OPEN_CLIP_CONFIG, load_open_clip
 from ..data.imaging import CLIP_MEAN, CLIP_STD, load_image
 from ..retrieval.encoders import Encoder, normalized
-from ..retrieval.hybrid import BM25Index
+from ..retrieval.hybrid import bm25_scores
 
 
 def sentence_transformer_encoder(model_name_or_path, batch_size: int = 64, **model_kwargs) -> Encoder:
@@ -74,7 +74,8 @@ def tfidf_encoder(fit_texts: Sequence[str]) -> Encoder:
 
 
 class BM25Scorer:
-    """BM25 (bm25s, Lucene variant) as a Scorer: the corpus of each `score` call is indexed (`BM25Index`).
+    """BM25 (bm25s, Lucene variant) as a Scorer: `retrieval.hybrid.bm25_scores`, the IDF counted over the corpus
+    and queries of each call.
 
     No stop words are removed: "no" and "without" carry the negations that reports hinge on.
     """
@@ -87,9 +88,7 @@ class BM25Scorer:
         self.k1, self.b = k1, b
 
     def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:
-        # IDF over queries + corpus, as the TF-IDF baseline fits on every text (see `BM25Index.index`).
-        queries, corpus = list(queries), list(corpus)
-        return BM25Index(self.k1, self.b).index(corpus, idf_texts=corpus + queries).scores(queries)
+        return bm25_scores(queries, corpus, self.k1, self.b)
 
 
 def bm25_scorer(k1: float = 1.5, b: float = 0.75) -> BM25Scorer:

@@ -162,6 +162,13 @@ class BM25Index:
         return index
 
 
+def bm25_scores(queries: Sequence[str], corpus: Sequence[str], k1: float = 1.5, b: float = 0.75) -> np.ndarray:
+    """`(len(queries), len(corpus))` BM25 scores with the IDF counted over the corpus and the queries together, as
+    the TF-IDF baseline is fitted on every text of an evaluation (see `BM25Index.index`)."""
+    queries, corpus = list(queries), list(corpus)
+    return BM25Index(k1, b).index(corpus, idf_texts=corpus + queries).scores(queries)
+
+
 def _ranks(scores: np.ndarray) -> np.ndarray:
     """1-based ranks of every column per row (ties share the best rank), float64."""
     order = np.argsort(-scores, axis=1, kind="stable")
@@ -211,8 +218,7 @@ def fuse(
 class HybridScorer:
     """An Encoder (texts -> L2-normalised embeddings) and BM25 fused into one `Scorer` for the harness.
 
-    BM25's IDF is counted over the corpus and the queries together (`BM25Index.index(idf_texts=...)`), as the
-    TF-IDF baseline is fitted on every text of the evaluation.
+    The lexical side is `bm25_scores` (IDF counted over the corpus and the queries together).
     """
 
     def __init__(
@@ -229,10 +235,11 @@ class HybridScorer:
     def score(self, queries: Sequence[str], corpus: Sequence[str]) -> np.ndarray:
         queries, corpus = list(queries), list(corpus)
         dense = self.encoder(queries) @ self.encoder(corpus).T
-        lexical = BM25Index(self.k1, self.b).index(corpus, idf_texts=corpus + queries).scores(queries)
+        lexical = bm25_scores(queries, corpus, self.k1, self.b)
         return fuse(dense, lexical, self.method, self.weights).astype(np.float32)
 
 
 __all__ = [
-    "BM25Index", "DEFAULT_FUSION", "DEFAULT_WEIGHTS", "FUSION_METHODS", "HybridScorer", "RRF_K", "bm25_tokens", "fuse",
+    "BM25Index", "DEFAULT_FUSION", "DEFAULT_WEIGHTS", "FUSION_METHODS", "HybridScorer", "RRF_K", "bm25_scores",
+    "bm25_tokens", "fuse",
 ]
