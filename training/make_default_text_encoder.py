@@ -69,6 +69,10 @@ def main(argv=None):
     parser.add_argument("--training-minutes", type=float, default=None,
                         help="with --evaluate-only: the training's wall time, for the model card")
     parser.add_argument("--install", action="store_true", help="copy the result into the package")
+    parser.add_argument("--held-out-fraction", type=float, default=VALIDATION_FRACTION,
+                        help="studies never trained on (seeded; a larger fraction holds out a superset). 0.2 trains "
+                        "the development twin of training/tune_fusion.py")
+    parser.add_argument("--skip-evaluation", action="store_true", help="train only (the twin is evaluated elsewhere)")
     parser.add_argument("--resume", action="store_true", help="resume interrupted stages from their checkpoints")
     args = parser.parse_args(argv)
     output = Path(args.output_dir)
@@ -76,7 +80,9 @@ def main(argv=None):
     started = time.time()
 
     rows = read_reports_csv(reports_csv)
-    train_rows, validation_rows = split_by_study(rows, VALIDATION_FRACTION, SEED)
+    if args.install and args.held_out_fraction != VALIDATION_FRACTION:
+        parser.error(f"--install ships the model trained with --held-out-fraction {VALIDATION_FRACTION} only.")
+    train_rows, validation_rows = split_by_study(rows, args.held_out_fraction, SEED)
     print(f"{len(train_rows)} training and {len(validation_rows)} held-out studies", flush=True)
 
     if args.evaluate_only:
@@ -99,7 +105,7 @@ def main(argv=None):
         )
         initial.save_pretrained(output / "init")
 
-    common = ["--reports", str(reports_csv), "--validation_fraction", str(VALIDATION_FRACTION), "--seed", str(SEED),
+    common = ["--reports", str(reports_csv), "--validation_fraction", str(args.held_out_fraction), "--seed", str(SEED),
               "--report_to", "none", "--logging_steps", "50", "--save_steps", "100", "--save_total_limit", "1",
               "--disable_tqdm", "true", "--resume", str(args.resume).lower(), "--use_cpu",
               str(not torch.cuda.is_available()).lower(), "--bf16", "true", "--eval_strategy", "no"]
@@ -118,6 +124,9 @@ def main(argv=None):
         *(["--stop_after_steps", str(args.stop_after_steps)] if args.stop_after_steps else []), *common,
     ])
     minutes = round((time.time() - started) / 60, 1)
+    if args.skip_evaluation:
+        print(f"trained {contrastive} in {minutes} min", flush=True)
+        return contrastive
     return evaluate_and_install(Path(contrastive), args, train_rows, validation_rows, output, minutes)
 
 
@@ -137,7 +146,7 @@ def evaluate_and_install(model_dir: Path, args, train_rows, validation_rows, out
     results["data"] = {
         "source": "openi/reports.csv under ../shared/data (or $LLM2CLIP4CXR_DATA)",
         "train_studies": len(train_rows), "validation_studies": len(validation_rows),
-        "split": f"{VALIDATION_FRACTION:.0%} of studies held out, seed {SEED}",
+        "split": f"{args.held_out_fraction:.0%} of studies held out, seed {SEED}",
     }
     results["training"] = {
         "mntp_steps": args.mntp_steps, "contrastive_steps": args.stop_after_steps or args.contrastive_steps,

@@ -153,6 +153,15 @@ def test_index_build_then_search(make_encoder, tmp_path):
     query = F.normalize(LLM2Vec4CXRModel.from_pretrained(path).encode(["Heart size is enlarged."]), dim=-1).numpy()
     expected = index.search_hybrid(query, ["Heart size is enlarged."], k=3)[0]
     assert [hit["id"] for hit in json.loads(hybrid.stdout)["results"][0]["hits"]] == [hit[0] for hit in expected]
+    # --fusion-weights reach the fusion: BM25 alone (dense weight 0) gives its normalised scores.
+    lexical_only = run_cli("index", "search", str(tmp_path / "index"), "Heart size is enlarged.", "--top-k", "3",
+                           "--json", "--hybrid", "--fusion-weights", "0", "1")
+    assert lexical_only.returncode == 0, lexical_only.stderr
+    expected = index.search_hybrid(query, ["Heart size is enlarged."], k=3, weights=(0.0, 1.0))[0]
+    got = json.loads(lexical_only.stdout)["results"][0]["hits"]
+    assert [hit["id"] for hit in got] == [hit[0] for hit in expected]
+    assert [hit["score"] for hit in got] == pytest.approx([hit[1] for hit in expected], abs=1e-6)
+    assert max(hit["score"] for hit in got) == pytest.approx(1.0)  # min-max normalised lexical, weight 1
     similar = run_cli("similar", "Heart size is enlarged.", "--csv", str(csv_path), "--id-column", "uid", "--model",
                       path, "--top-k", "3", "--json", "--hybrid", "--fusion", "normalized")
     assert similar.returncode == 0, similar.stderr
@@ -203,3 +212,7 @@ def test_new_subcommands_report_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(command)
         assert exit_info.value.code == expected, command
+    for weights, message in ((["0", "0"], "cannot both be 0"), (["-1", "1"], "expected a number >= 0")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["similar", "query", "--csv", str(csv_path), "--hybrid", "--fusion-weights", *weights])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

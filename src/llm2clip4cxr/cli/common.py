@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..defaults import DEFAULT_FUSION, FUSION_METHODS
+from ..defaults import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHTS, FUSION_METHODS
 from ..errors import InputError
 from ..fileio import atomic_write_text
 from ..fileio import output_lock as _output_lock
@@ -58,6 +58,25 @@ def positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+class _FusionWeights(argparse.Action):
+    """Two weights, refused at parse time when both are 0 (before any model is loaded)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not any(values):
+            parser.error(f"{option_string}: the dense and lexical weights cannot both be 0.")
+        setattr(namespace, self.dest, tuple(values))
 
 
 # ----------------------------------------------------------------------------------------------- shared options
@@ -125,7 +144,13 @@ HYBRID.add_argument(
 )
 HYBRID.add_argument(
     "--fusion", choices=FUSION_METHODS, default=DEFAULT_FUSION,
-    help="--hybrid fusion: min-max normalised scores, equal weights (default) or reciprocal-rank (k=60)",
+    help=f"--hybrid fusion: min-max normalised scores or reciprocal-rank (k=60); default {DEFAULT_FUSION}",
+)
+HYBRID.add_argument(
+    "--fusion-weights", nargs=2, type=non_negative_float, metavar=("DENSE", "LEXICAL"),
+    default=DEFAULT_FUSION_WEIGHTS, action=_FusionWeights,
+    help="--hybrid weights of the dense and the BM25 side, not both 0 (default: %(default)s, chosen on "
+    "development studies: docs/retrieval.md)",
 )
 
 

@@ -107,7 +107,10 @@ def _encoders(args, rows: list[dict]) -> dict:
         if args.hybrid:
             from ..retrieval.hybrid import HybridScorer
 
-            encoders[f"hybrid ({name} + bm25, {args.fusion})"] = HybridScorer(encoders[name], method=args.fusion)
+            weights = tuple(args.fusion_weights)
+            encoders[f"hybrid ({name} + bm25, {args.fusion})"] = HybridScorer(
+                encoders[name], method=args.fusion, weights=weights
+            )
     for baseline in args.baseline:
         if baseline == "tfidf":  # fitted on the evaluated reports themselves (unsupervised, no labels)
             encoders["tfidf"] = baselines.tfidf_encoder([harness.report_text(row) for row in rows])

@@ -234,7 +234,9 @@ def run_search(args) -> int:
     model = common.load_text_encoder(args.model or saved["model"], args.trust_remote_code)
     query_vectors = common.text_encoder(model, instruction, args.batch_size)(queries)
     if args.hybrid:
-        results = index.search_hybrid(query_vectors, queries, k=args.top_k, method=args.fusion)
+        results = index.search_hybrid(
+            query_vectors, queries, k=args.top_k, method=args.fusion, weights=tuple(args.fusion_weights)
+        )
     else:
         results = index.search(query_vectors, k=args.top_k)
     return _emit_hits(args, queries, results)

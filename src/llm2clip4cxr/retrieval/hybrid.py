@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..defaults import DEFAULT_FUSION, FUSION_METHODS
+from ..defaults import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHTS, FUSION_METHODS
 
 RRF_K = 60
-DEFAULT_WEIGHTS = (1.0, 1.0)
+DEFAULT_WEIGHTS = DEFAULT_FUSION_WEIGHTS
 _PARAMS_FILE = "bm25_settings.json"
 
 
