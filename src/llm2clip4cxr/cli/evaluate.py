@@ -105,10 +105,10 @@ def _encoders(args, rows: list[dict]) -> dict:
         # instruction None: the one the checkpoint was trained with (config.default_instruction).
         encoders[name] = common.text_encoder(model, args.instruction, args.batch_size)
         if args.hybrid:
-            from ..retrieval.hybrid import HybridScorer
+            from ..retrieval.hybrid import HybridScorer, hybrid_name
 
             weights = tuple(args.fusion_weights)
-            encoders[f"hybrid ({name} + bm25, {args.fusion})"] = HybridScorer(
+            encoders[hybrid_name(name, args.fusion, weights)] = HybridScorer(
                 encoders[name], method=args.fusion, weights=weights
             )
     for baseline in args.baseline:

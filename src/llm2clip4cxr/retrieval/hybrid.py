@@ -7,14 +7,15 @@ device name, a measurement) that BM25 matches exactly, while BM25 cannot tell "n
 Fusion methods (`fuse`):
     "normalized" (the default of the CLI, `fuse`, `HybridScorer` and `EmbeddingIndex.search_hybrid`): min-max
         normalise each model's scores per query over the candidates, then w_dense * dense + w_lexical * lexical.
-        It beat "rrf" for findings->impression on the 310 held-out Open-I studies (unique-impression R@1 0.407 vs
-        0.296 with the 500-step default and bigram BM25). That choice was made on the evaluation split itself
-        (no separate development split exists), so the hybrid's held-out number is slightly optimistic.
     "rrf": reciprocal-rank fusion, score = w_dense / (k + rank_dense) + w_lexical / (k + rank_lexical), with ranks
         over the scored candidates and k = 60 (Cormack et al. 2009); needs no score calibration.
-Default weights are dense 1.0, lexical 1.0, not tuned: the training studies cannot stand in for new ones (the
-default encoder retrieves their impressions at R@1 0.90 against 0.371 on held-out studies), and tuning on the
-held-out split would flatter the hybrid further.
+Default: "normalized" with weights dense 3 : lexical 1 (`defaults.DEFAULT_FUSION_WEIGHTS`), chosen by
+`training/tune_fusion.py` on 269 development studies that neither the model it tuned with nor the reported
+held-out split contains: a twin of the default, trained by the same recipe on 80% of the studies, was fused
+with BM25 over a grid (both methods, dense weight 0-4 against lexical 1), and the mean of findings->impression
+strict and unique-impression R@1 picked the setting (docs/results/fusion_tuning.json). There, normalized 3:1
+scored strict 0.486 / unique 0.453 against the twin alone 0.502 / 0.345, BM25 0.212 / 0.471 and TF-IDF
+0.201 / 0.445; equal weights gave 0.256 / 0.462, and rrf scored lower at every dense weight above 0.
 
 `BM25Index` keeps the lexical statistics of a corpus and saves them beside an `EmbeddingIndex`;
 `HybridScorer` is the harness's `Scorer` for evaluating an encoder + BM25 pair as one model.
@@ -215,6 +216,12 @@ def fuse(
     return w_dense * normalized(dense) + w_lexical * normalized(lexical)
 
 
+def hybrid_name(model_name: str, method: str = DEFAULT_FUSION, weights: tuple[float, float] = DEFAULT_WEIGHTS) -> str:
+    """The harness row name of a hybrid, e.g. "hybrid (default + bm25, normalized 0.5:1)"."""
+    dense, lexical = (f"{weight:g}" for weight in weights)
+    return f"hybrid ({model_name} + bm25, {method} {dense}:{lexical})"
+
+
 class HybridScorer:
     """An Encoder (texts -> L2-normalised embeddings) and BM25 fused into one `Scorer` for the harness.
 
@@ -241,5 +248,5 @@ class HybridScorer:
 
 __all__ = [
     "BM25Index", "DEFAULT_FUSION", "DEFAULT_WEIGHTS", "FUSION_METHODS", "HybridScorer", "RRF_K", "bm25_scores",
-    "bm25_tokens", "fuse",
+    "bm25_tokens", "fuse", "hybrid_name",
 ]
