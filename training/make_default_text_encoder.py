@@ -39,7 +39,7 @@ from llm2clip4cxr.augment.synthetic import FAMILY as SYNTHETIC_FAMILY  # noqa: E
 from llm2clip4cxr.augment.synthetic import build_synthetic_triplets  # noqa: E402
 from llm2clip4cxr.augment.variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS  # noqa: E402
 from llm2clip4cxr.data import read_reports_csv, split_by_study  # noqa: E402
-from llm2clip4cxr.defaults import DEFAULT_FUSION, DEFAULT_FUSION_WEIGHTS, shared_data_dir  # noqa: E402
+from llm2clip4cxr.defaults import shared_data_dir  # noqa: E402
 from llm2clip4cxr.evaluation import baselines, harness  # noqa: E402
 from llm2clip4cxr.retrieval.encoders import llm2vec_encoder  # noqa: E402
 from llm2clip4cxr.retrieval.hybrid import HybridScorer, hybrid_name  # noqa: E402
@@ -140,7 +140,7 @@ def evaluate_and_install(model_dir: Path, args, train_rows, validation_rows, out
         "bm25": baselines.bm25_scorer(),
         "all-MiniLM-L6-v2": baselines.minilm_encoder(),
         MODEL_NAME: dense,
-        hybrid_name(MODEL_NAME, DEFAULT_FUSION, DEFAULT_FUSION_WEIGHTS): HybridScorer(dense),
+        hybrid_name(MODEL_NAME): HybridScorer(dense),  # the default fusion and weights
     }
     results = harness.run_evaluation(encoders, validation_rows, seed=SEED)
     results["data"] = {

@@ -22,16 +22,18 @@ from pathlib import Path
 import numpy as np
 
 from llm2clip4cxr import LLM2Vec4CXRModel
-from llm2clip4cxr.data import read_reports_csv, split_by_study
+from llm2clip4cxr.data import DEFAULT_SPLIT_SEED, DEFAULT_VALIDATION_FRACTION, read_reports_csv, split_by_study
 from llm2clip4cxr.defaults import FUSION_METHODS, shared_data_dir
 from llm2clip4cxr.evaluation import baselines, harness
-from llm2clip4cxr.evaluation.tasks import findings_to_impression_retrieval, studies_with_findings_and_impression
+from llm2clip4cxr.evaluation.tasks import (
+    findings_to_impression_retrieval,
+    score_matrix,
+    studies_with_findings_and_impression,
+)
 from llm2clip4cxr.fileio import atomic_write_json
 from llm2clip4cxr.retrieval.encoders import llm2vec_encoder
 from llm2clip4cxr.retrieval.hybrid import bm25_scores, fuse
 
-SEED = 0
-SHIPPED_HELD_OUT_FRACTION = 0.1
 DENSE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 
 
@@ -47,8 +49,8 @@ class _FixedScores:
 
 def development_studies(rows, twin_fraction: float) -> list[dict]:
     """The twin's held-out studies minus the shipped model's: unseen by the twin, not part of the reported split."""
-    held_out_ids = {row["uid"] for row in split_by_study(rows, SHIPPED_HELD_OUT_FRACTION, SEED)[1]}
-    twin_held_out = split_by_study(rows, twin_fraction, SEED)[1]
+    held_out_ids = {row["uid"] for row in split_by_study(rows, DEFAULT_VALIDATION_FRACTION, DEFAULT_SPLIT_SEED)[1]}
+    twin_held_out = split_by_study(rows, twin_fraction, DEFAULT_SPLIT_SEED)[1]
     if not held_out_ids <= {row["uid"] for row in twin_held_out}:
         raise ValueError("The twin's hold-out must contain the shipped model's; use the same seed.")
     return [row for row in twin_held_out if row["uid"] not in held_out_ids]
@@ -76,7 +78,7 @@ def main(argv=None):
     print(f"{len(studies)} development studies with findings and impression", flush=True)
 
     encoder = llm2vec_encoder(LLM2Vec4CXRModel.from_pretrained(args.model).eval())
-    dense = encoder(queries) @ encoder(corpus).T
+    dense = score_matrix(encoder, queries, corpus)
     lexical = bm25_scores(queries, corpus)
 
     def scored(scores):
@@ -91,9 +93,10 @@ def main(argv=None):
     best = max(grid, key=lambda row: (row["objective"], row["strict_mrr"]))
     tfidf = baselines.tfidf_encoder([harness.report_text(row) for row in studies])
     results = {
-        "model": str(args.model), "development_studies": len(studies), "seed": SEED,
+        "model": str(args.model), "development_studies": len(studies), "seed": DEFAULT_SPLIT_SEED,
         "criterion": "mean of F->I strict R@1 and unique-impression R@1, ties by strict MRR",
-        "dense_alone": scored(dense), "bm25_alone": scored(lexical), "tfidf": scored(tfidf(queries) @ tfidf(corpus).T),
+        "dense_alone": scored(dense), "bm25_alone": scored(lexical),
+        "tfidf": summary(findings_to_impression_retrieval(tfidf, studies)),
         "grid": grid, "chosen": {"method": best["method"], "weights": best["weights"]},
     }
     atomic_write_json(Path(args.output), results, indent=2)

@@ -107,9 +107,8 @@ def _encoders(args, rows: list[dict]) -> dict:
         if args.hybrid:
             from ..retrieval.hybrid import HybridScorer, hybrid_name
 
-            weights = tuple(args.fusion_weights)
-            encoders[hybrid_name(name, args.fusion, weights)] = HybridScorer(
-                encoders[name], method=args.fusion, weights=weights
+            encoders[hybrid_name(name, args.fusion, args.fusion_weights)] = HybridScorer(
+                encoders[name], method=args.fusion, weights=args.fusion_weights
             )
     for baseline in args.baseline:
         if baseline == "tfidf":  # fitted on the evaluated reports themselves (unsupervised, no labels)

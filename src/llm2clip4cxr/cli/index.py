@@ -235,7 +235,7 @@ def run_search(args) -> int:
     query_vectors = common.text_encoder(model, instruction, args.batch_size)(queries)
     if args.hybrid:
         results = index.search_hybrid(
-            query_vectors, queries, k=args.top_k, method=args.fusion, weights=tuple(args.fusion_weights)
+            query_vectors, queries, k=args.top_k, method=args.fusion, weights=args.fusion_weights
         )
     else:
         results = index.search(query_vectors, k=args.top_k)

@@ -29,7 +29,7 @@ def run(args) -> int:
     if args.hybrid:
         from ..retrieval.hybrid import BM25Index, fuse
 
-        scores = fuse(scores, BM25Index().index(texts).scores([args.query]), args.fusion, tuple(args.fusion_weights))
+        scores = fuse(scores, BM25Index().index(texts).scores([args.query]), args.fusion, args.fusion_weights)
     order, best = top_k(scores, args.top_k)
     hits = [{"rank": rank, "id": ids[i], "score": float(score), "text": texts[i]}
             for rank, (i, score) in enumerate(zip(order[0], best[0]), 1)]
