@@ -29,7 +29,12 @@ import transformers
 from transformers import Trainer
 
 import llm2clip4cxr
-from llm2clip4cxr.augment.triplets import build_section_pairs, build_triplets, load_triplets_jsonl
+from llm2clip4cxr.augment.triplets import (
+    build_equivalent_study_pairs,
+    build_section_pairs,
+    build_triplets,
+    load_triplets_jsonl,
+)
 from llm2clip4cxr.data import read_reports_csv, split_by_study
 from llm2clip4cxr.training.factory import encoder_from_decoder
 from llm2clip4cxr.training.recipe import (
@@ -81,6 +86,10 @@ class RecipeArguments:
     variants_per_report: int = field(default=1, metadata={"help": "contrastive: variant triplets drawn per report"})
     section_pairs: bool = field(default=True, metadata={"help": "contrastive: also train findings<->impression of "
                                                         "each study (a symmetric loss)"})
+    equivalent_studies: bool = field(default=False, metadata={"help": "contrastive: also train pairs of different "
+                                     "studies with identical label sets (--label_column) as positives; candidates of "
+                                     "the anchor's label set are not its negatives"})
+    label_column: str = field(default="MeSH", metadata={"help": "CSV column of ';'-separated labels (Open-I: MeSH)"})
     synthetic_triplets: int = field(default=0, metadata={"help": "contrastive: add this many compositional synthetic "
                                                         "triplets (llm2clip4cxr.augment.synthetic)"})
     stop_after_steps: int | None = field(default=None, metadata={"help": "stop at this step (the learning-rate "
@@ -181,6 +190,12 @@ def build_datasets(args: RecipeArguments, seed: int):
 
         synthetic = build_synthetic_triplets(args.synthetic_triplets, seed=seed)
         train["synthetic"] = datasets.Dataset.from_list(_triplet_columns(synthetic))
+    if args.equivalent_studies:
+        if args.data:
+            raise ValueError("--equivalent_studies needs --reports with a label column; a prepared folder keeps none.")
+        train["equivalent"] = datasets.Dataset.from_list(
+            build_equivalent_study_pairs(train_rows, label_column=args.label_column, seed=seed)
+        )
     if args.section_pairs:
         train["sections"] = datasets.Dataset.from_list(build_section_pairs(train_rows))
         if validation_rows and build_section_pairs(validation_rows):
@@ -212,8 +227,9 @@ def train_contrastive(args: RecipeArguments, training_args, encoder, train_datas
             batch_size,
             args.mini_batch_size,
             args.scale,
-            symmetric=name == "sections",
+            symmetric=name in ("sections", "equivalent"),
             gather_across_devices=gather,
+            equivalence_groups=name == "equivalent",
         )
         for name in train_dataset
     }

@@ -99,3 +99,108 @@ def test_recipe_with_mini_batches_ends_with_the_weights_of_the_plain_run(saved_t
         moved += not torch.equal(value, start)
     assert moved > 10  # the runs really trained
     assert plain.config.default_instruction == "Find similar reports"
+
+
+def _reference_equivalence_loss(anchors, positives, negatives, groups, symmetric, scale=20.0):
+    """Row by row: an anchor's softmax runs over its own positive, the positives of rows outside its group (all
+    rows when it has none, group -1) and every hard negative; `symmetric` averages in the positive->anchor one."""
+    cosine = torch.nn.functional.cosine_similarity
+    losses = []
+    for i in range(len(anchors)):
+        others = [j for j in range(len(anchors)) if j == i or groups[i] < 0 or groups[j] != groups[i]]
+        forward = [cosine(anchors[i], positives[j], dim=0) for j in others]
+        forward += [cosine(anchors[i], negative, dim=0) for negative in negatives]
+        log_z = torch.logsumexp(torch.stack(forward) * scale, 0)
+        if symmetric:
+            backward = torch.stack([cosine(positives[i], anchors[j], dim=0) for j in others]) * scale
+            log_z = (log_z + torch.logsumexp(backward, 0)) / 2
+        losses.append(log_z - cosine(anchors[i], positives[i], dim=0) * scale)
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("with_negatives", [False, True])
+def test_equivalence_aware_loss_matches_row_by_row_reference_and_its_gradients(make_encoder, symmetric,
+                                                                                with_negatives):
+    st_model = sentence_transformer_for(make_encoder())
+    loss_fn = contrastive_loss(st_model, batch_size=8, symmetric=symmetric, gather_across_devices=False,
+                               equivalence_groups=True)
+    assert type(loss_fn).__name__ == "EquivalenceAwareRankingLoss"
+    generator = torch.Generator().manual_seed(0)
+    columns = [torch.randn(8, 16, generator=generator, requires_grad=True) for _ in range(3 if with_negatives else 2)]
+    groups = torch.tensor([0, 0, 0, 1, 1, -1, -1, 2])  # a group of three, one of two, no group, a singleton
+    loss = loss_fn.compute_loss_from_embeddings(columns, groups)
+    gradients = torch.autograd.grad(loss, columns)
+    negatives = columns[2] if with_negatives else []
+    reference = _reference_equivalence_loss(columns[0], columns[1], negatives, groups.tolist(), symmetric)
+    reference_gradients = torch.autograd.grad(reference, columns)
+    torch.testing.assert_close(loss, reference, atol=ATOL, rtol=RTOL)
+    for gradient, expected in zip(gradients, reference_gradients):
+        torch.testing.assert_close(gradient, expected, atol=1e-5, rtol=1e-4)
+    # Without shared groups the mask is empty: sentence-transformers' own loss, exactly.
+    plain = contrastive_loss(st_model, batch_size=8, symmetric=symmetric, gather_across_devices=False)
+    torch.testing.assert_close(loss_fn.compute_loss_from_embeddings(columns, torch.arange(8)),
+                               plain.compute_loss_from_embeddings(columns, None))
+    assert loss < plain.compute_loss_from_embeddings(columns, None)  # fewer negatives, lower loss
+
+
+def test_equivalence_aware_loss_refuses_gradcache_and_missing_groups(make_encoder):
+    st_model = sentence_transformer_for(make_encoder())
+    with pytest.raises(ValueError, match="not available with GradCache"):
+        contrastive_loss(st_model, batch_size=8, mini_batch_size=2, equivalence_groups=True)
+    loss_fn = contrastive_loss(st_model, batch_size=8, gather_across_devices=False, equivalence_groups=True)
+    with pytest.raises(ValueError, match="group id in a `label` column"):
+        loss_fn.compute_loss_from_embeddings([torch.randn(2, 4), torch.randn(2, 4)], None)
+
+
+def test_equivalent_study_pairs_join_different_studies_with_the_same_label_set():
+    from llm2clip4cxr.augment.triplets import build_equivalent_study_pairs
+
+    rows = [
+        {"MeSH": "normal", "findings": "Lungs clear.", "impression": "No acute disease."},
+        {"MeSH": "Normal", "findings": "Clear lungs, normal heart.", "impression": "No active disease."},
+        {"MeSH": "normal", "findings": "Lungs  clear.", "impression": ""},  # same findings as the first
+        {"MeSH": "Cardiomegaly/mild;Opacity", "findings": "Mild cardiomegaly. Opacity.", "impression": "Big heart."},
+        {"MeSH": "Opacity; Cardiomegaly/mild", "findings": "Heart mildly enlarged, basilar opacity.",
+         "impression": "Cardiomegaly, opacity."},
+        {"MeSH": "Cardiomegaly", "findings": "Enlarged heart.", "impression": "Cardiomegaly."},  # alone in its set
+        {"MeSH": "No Indexing", "findings": "Lungs clear.", "impression": "Unremarkable."},
+        {"MeSH": "", "findings": "Lungs clear.", "impression": "Clear."},
+    ]
+    pairs = build_equivalent_study_pairs(rows, seed=1)
+    normal_group = {pair["label"] for pair in pairs if pair["anchor"] == "No acute disease."
+                    or pair["positive"] == "No acute disease."}
+    assert len(normal_group) == 1
+    # Texts equal up to spacing are one text: the third study's findings pair no second time.
+    as_sets = {frozenset(" ".join(text.split()) for text in (pair["anchor"], pair["positive"])) for pair in pairs}
+    assert len(as_sets) == len(pairs)
+    assert as_sets == {
+        frozenset(("Clear lungs, normal heart.", "Lungs clear.")),
+        frozenset(("No acute disease.", "No active disease.")),
+        frozenset(("Mild cardiomegaly. Opacity.", "Heart mildly enlarged, basilar opacity.")),
+        frozenset(("Big heart.", "Cardiomegaly, opacity.")),
+    }
+    labels = {frozenset((pair["anchor"], pair["positive"])): pair["label"] for pair in pairs}
+    assert all(type(label) is int for label in labels.values())
+    assert labels[frozenset(("Big heart.", "Cardiomegaly, opacity."))] != normal_group.pop()
+    with pytest.raises(ValueError, match="no 'Problems' column"):
+        build_equivalent_study_pairs(rows, label_column="Problems")
+
+
+@needs_openi
+def test_recipe_trains_on_equivalent_studies_with_their_label_groups(saved_tiny_encoder, tmp_path):
+    # Round robin visits every dataset in the first steps; the equivalence loss raises without its labels.
+    train_text_encoder = import_recipe("train_text_encoder")
+    args = train_text_encoder.RecipeArguments(stage="contrastive", model_name_or_path=str(saved_tiny_encoder),
+                                              reports=str(REPORTS_CSV), equivalent_studies=True)
+    train, _ = train_text_encoder.build_datasets(args, seed=0)
+    assert train["equivalent"].column_names == ["anchor", "positive", "label"]
+    assert len(set(train["equivalent"]["label"])) > 20
+    final = train_text_encoder.main([
+        "--stage", "contrastive", "--model_name_or_path", str(saved_tiny_encoder), "--reports", str(REPORTS_CSV),
+        "--validation_fraction", "0.5", "--output_dir", str(tmp_path / "run"), "--max_steps", "3",
+        "--per_device_train_batch_size", "16", "--report_to", "none", "--save_strategy", "no",
+        "--disable_tqdm", "true", "--use_cpu", "true", "--equivalent_studies", "true", "--section_pairs", "false",
+        "--batch_sampler", "no_duplicates", "--multi_dataset_batch_sampler", "round_robin",
+    ])
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and final

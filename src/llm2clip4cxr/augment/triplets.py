@@ -16,6 +16,7 @@ from ..data.tables import json_lines
 from .variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS, _normalized, _select, make_hard_negative, make_positive
 
 __all__ = [
+    "build_equivalent_study_pairs",
     "build_section_pairs",
     "build_triplets",
     "load_triplets_jsonl",
@@ -126,6 +127,55 @@ def build_section_pairs(reports: Iterable[Mapping[str, str]]) -> list[dict]:
             if key not in seen:
                 seen.add(key)
                 pairs.append({"anchor": findings, "positive": impression})
+    return pairs
+
+
+def _label_set(value: str) -> frozenset[str]:
+    """The labels of an Open-I MeSH/Problems cell ("Cardiomegaly/mild;Opacity"), case-folded; an unindexed
+    study ("No Indexing", empty) has none and pairs with nothing."""
+    labels = frozenset(label.strip().casefold() for label in (value or "").split(";") if label.strip())
+    return frozenset() if labels == {"no indexing"} else labels
+
+
+def build_equivalent_study_pairs(
+    reports: Iterable[Mapping[str, str]], label_column: str = "MeSH", seed: int = 0
+) -> list[dict]:
+    """Pairs of *different* studies whose label sets are identical, per section: {"anchor": findings of A,
+    "positive": findings of B, "label": group} and the same for impressions.
+
+    Real clinically equivalent reports written in other words (one radiologist's "No acute cardiopulmonary
+    abnormality." and another's "No active disease."), which no rule-based paraphrase generator produces.
+    `label` numbers the label set: in-batch candidates of the anchor's own group are no negatives for it
+    (see `llm2clip4cxr.training.text.contrastive_loss(equivalence_groups=True)`). Each study pairs once per
+    section with the next study of its group (seeded order) whose text differs; groups of one are skipped.
+    """
+    groups: dict[frozenset[str], list[Mapping[str, str]]] = {}
+    for index, row in enumerate(reports):
+        if label_column not in row:
+            raise ValueError(
+                f"reports[{index}] has no {label_column!r} column to group equivalent studies by; "
+                f"its keys are {sorted(row)}."
+            )
+        labels = _label_set(row[label_column])
+        if labels:
+            groups.setdefault(labels, []).append(row)
+    rng = random.Random(seed)
+    pairs, seen = [], set()
+    for group, key in enumerate(sorted(groups, key=sorted)):
+        members = groups[key][:]
+        rng.shuffle(members)
+        for section in ("findings", "impression"):
+            texts = [(row.get(section) or "").strip() for row in members]
+            for position, text in enumerate(texts):
+                following = texts[position + 1:] + texts[:position]
+                partner = next((other for other in following if other and _normalized(other) != _normalized(text)),
+                               None)
+                if not text or partner is None:
+                    continue
+                pair_key = frozenset((_normalized(text), _normalized(partner)))
+                if pair_key not in seen:
+                    seen.add(pair_key)
+                    pairs.append({"anchor": text, "positive": partner, "label": group})
     return pairs
 
 

@@ -16,6 +16,8 @@ what no library does is written here:
   prepends it and pools it out.
 """
 
+import functools
+
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
 
 from ..modeling.modeling_llm2vec4cxr import LLM2Vec4CXRModel
@@ -98,6 +100,7 @@ def contrastive_loss(
     scale: float = 20.0,
     symmetric: bool = False,
     gather_across_devices: bool = True,
+    equivalence_groups: bool = False,
 ):
     """sentence-transformers' in-batch-negatives InfoNCE for a `SentenceTransformer` `model`.
 
@@ -105,6 +108,7 @@ def contrastive_loss(
     through the cached embedding gradients) when `mini_batch_size` is below `batch_size`: same loss and
     gradients, memory of one mini-batch. `symmetric` adds the positive->anchor direction (for pairs whose
     two sides are both queries and documents, such as findings and impression), one softmax per direction.
+    `equivalence_groups`: the rows carry a group id as `label` (`EquivalenceAwareRankingLoss`); not cached.
     """
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
@@ -119,6 +123,76 @@ def contrastive_loss(
         "directions": ("query_to_doc", "doc_to_query") if symmetric else ("query_to_doc",),
         "partition_mode": "per_direction" if symmetric else "joint",
     }
-    if mini_batch_size is not None and mini_batch_size < batch_size:
+    cached = mini_batch_size is not None and mini_batch_size < batch_size
+    if equivalence_groups:
+        if cached:
+            raise ValueError(
+                "Equivalence-group masking is not available with GradCache: leave `mini_batch_size` unset (or at "
+                "least the batch size) for the equivalent-studies dataset."
+            )
+        return _equivalence_aware_loss_class()(model, **settings)
+    if cached:
         return CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size, **settings)
     return MultipleNegativesRankingLoss(model, **settings)
+
+
+@functools.cache
+def _equivalence_aware_loss_class():
+    # Defined on first use, like the other sentence-transformers imports of this module (slow to import).
+    import torch
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.util import all_gather, all_gather_with_grad, get_rank
+
+    class EquivalenceAwareRankingLoss(MultipleNegativesRankingLoss):
+        """`MultipleNegativesRankingLoss` for rows whose `label` is an equivalence group (>= 0; -1: none).
+
+        Another row of the anchor's own group is a clinically equivalent report (two normal studies), so its
+        positive is no negative for the anchor (and, with `doc_to_query`, its anchor none for the positive):
+        those logits are masked out of the softmax. Hard-negative columns stay negatives. sentence-transformers
+        masks only an anchor's own columns (label-aware masking is not there; GISTEmbedLoss needs a guide
+        model), so the mask is written here; the rest follows the parent's `query_to_doc`/`doc_to_query` maths.
+        """
+
+        def compute_loss_from_embeddings(self, embeddings, labels):
+            if labels is None:
+                raise ValueError("EquivalenceAwareRankingLoss needs each row's group id in a `label` column.")
+            unsupported = set(self.directions) - {"query_to_doc", "doc_to_query"}
+            if unsupported or (self.hardness_mode and self.hardness_strength > 0):
+                raise ValueError(f"EquivalenceAwareRankingLoss supports query_to_doc/doc_to_query without hardness "
+                                 f"weighting, got directions {self.directions}, hardness {self.hardness_mode}.")
+            queries, docs = embeddings[0], embeddings[1:]
+            batch_size = queries.size(0)
+            groups = labels.to(queries.device).long()
+            offset = 0
+            if self.gather_across_devices:
+                queries = all_gather_with_grad(queries)
+                docs = [all_gather_with_grad(doc) for doc in docs]
+                groups = all_gather(groups)
+                offset = get_rank() * batch_size
+            world_batch_size = queries.size(0)
+            local = torch.arange(offset, offset + batch_size, device=queries.device)
+            rows = torch.arange(batch_size, device=queries.device)
+            local_groups = groups[local]
+            same_group = (local_groups[:, None] == groups[None, :]) & (local_groups[:, None] >= 0)
+            same_group[rows, local] = False  # the anchor's own positive
+            hard_negative_columns = world_batch_size * (len(docs) - 1)
+            query_mask = torch.cat([same_group, same_group.new_zeros(batch_size, hard_negative_columns)], dim=1)
+            logits = {"query_to_doc": (self.similarity_fct(queries[local], torch.cat(docs)) * self.scale)
+                      .masked_fill(query_mask, float("-inf"))}
+            if "doc_to_query" in self.directions:
+                logits["doc_to_query"] = (self.similarity_fct(queries, docs[0][local]).T * self.scale).masked_fill(
+                    same_group, float("-inf"))
+            positive = logits["query_to_doc"][rows, local]
+            if self.partition_mode == "joint":
+                log_z = torch.logsumexp(torch.cat(list(logits.values()), dim=1), dim=1)
+            else:
+                log_z = sum(torch.logsumexp(matrix, dim=1) for matrix in logits.values()) / len(logits)
+            return -(positive - log_z).mean()
+
+    return EquivalenceAwareRankingLoss
+
+
+def __getattr__(name):
+    if name == "EquivalenceAwareRankingLoss":
+        return _equivalence_aware_loss_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
