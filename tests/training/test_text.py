@@ -15,7 +15,6 @@ from llm2clip4cxr import LLM2Vec4CXRModel
 from llm2clip4cxr.augment.triplets import build_triplets
 from llm2clip4cxr.training.recipe import apply_lora, last_complete_checkpoint
 from llm2clip4cxr.training.text import (
-    contrastive_loss,
     mntp_collator,
     mntp_model_for,
     sentence_transformer_for,
@@ -25,6 +24,7 @@ from llm2clip4cxr.training.text import (
 from ..shared_data import OPENI_REPORTS as REPORTS_CSV
 from ..shared_data import ROOT as REPO
 from ..shared_data import import_recipe, needs_openi
+from . import distributed_contrastive
 
 RECIPE = REPO / "training" / "train_text_encoder.py"
 
@@ -96,6 +96,9 @@ def test_distributed_loss_and_gradients_equal_one_process(saved_tiny_encoder, re
     global mean).
     Tolerance 1e-5: the runs differ only in summation order."""
     rows = _triplet_rows(report_texts, 8)
+    # Equivalence groups spanning both ranks' halves (rows 0-3, 4-7): the mask needs the gathered groups.
+    for row, group in zip(rows, [0, 1, -1, 2, 0, 1, 0, -1]):
+        row["group"] = group
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     out = tmp_path / "distributed.pt"
     # `--cpu` makes accelerate start ONE process (several CPU processes need MPI); `--multi_gpu` is its
@@ -127,9 +130,12 @@ def test_distributed_loss_and_gradients_equal_one_process(saved_tiny_encoder, re
     st_model = sentence_transformer_for(model)
     features = [st_model.preprocess([row[role] for row in rows], prompt="Find similar reports")
                 for role in ("anchor", "positive", "negative")]
-    loss = contrastive_loss(st_model, batch_size=len(rows), gather_across_devices=False)(features, None)
-    loss.backward()
-    torch.testing.assert_close(distributed["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
+    losses = distributed_contrastive.losses_on(st_model, st_model, features, [row["group"] for row in rows],
+                                               len(rows), False)
+    sum(losses).backward()
+    assert losses[1] < losses[0]  # the groups masked some negatives
+    for distributed_loss, loss in zip(distributed["losses"], losses):
+        torch.testing.assert_close(distributed_loss, loss.detach(), rtol=1e-5, atol=1e-5)
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert distributed["grads"].keys() == grads.keys()
     for name, grad in grads.items():
