@@ -11,7 +11,9 @@ Steps, all on the Open-I reports in ../shared/data (research-only data, see its 
      texts in a batch, the three datasets in turn) on: the findings<->impression pairs of each training study,
      rule-based variant triplets of the training reports (TRAIN families: abbreviations, shuffle,
      boilerplate removal; laterality, negation, severity, size, change-status and finding errors), and
-     compositional synthetic triplets (`llm2clip4cxr.augment.synthetic`);
+     compositional synthetic triplets (`llm2clip4cxr.augment.synthetic`); with --equivalent-studies also pairs
+     of different training studies with identical MeSH label sets (not in the shipped default: see
+     docs/evaluation.md);
   6. evaluate on the held-out studies with the evaluation harness (held-out variant families, the
      hand-written clinical ordering suite) next to TF-IDF, BM25, all-MiniLM-L6-v2 and the hybrid, and write
      `results.json` and the model card.
@@ -49,6 +51,7 @@ from llm2clip4cxr.training.tokenization import train_report_tokenizer  # noqa: E
 INSTRUCTION = "Retrieve reports with the same clinical findings"
 INSTRUCTION_NAME = "retrieval"
 MODEL_NAME = "LLM2Vec4CXR-tiny (default)"
+EQUIVALENT_STUDIES_MODEL_NAME = "LLM2Vec4CXR-tiny (+ equivalent studies)"
 SEED = 0
 VALIDATION_FRACTION = 0.1
 PACKAGE_TARGET = HERE.parent / "src" / "llm2clip4cxr" / "pretrained" / "text"
@@ -72,6 +75,9 @@ def main(argv=None):
     parser.add_argument("--held-out-fraction", type=float, default=VALIDATION_FRACTION,
                         help="studies never trained on (seeded; a larger fraction holds out a superset). 0.2 trains "
                         "the development twin of training/tune_fusion.py")
+    parser.add_argument("--equivalent-studies", action="store_true",
+                        help="also train pairs of different studies with identical MeSH label sets as positives "
+                        "(train_text_encoder.py --equivalent_studies; an experiment, off in the shipped default)")
     parser.add_argument("--skip-evaluation", action="store_true", help="train only (the twin is evaluated elsewhere)")
     parser.add_argument("--resume", action="store_true", help="resume interrupted stages from their checkpoints")
     args = parser.parse_args(argv)
@@ -121,6 +127,7 @@ def main(argv=None):
         "--batch_sampler", "no_duplicates", "--multi_dataset_batch_sampler", "round_robin",
         "--instruction", INSTRUCTION, "--instruction_name", INSTRUCTION_NAME,
         "--variants_per_report", str(args.variants_per_report), "--synthetic_triplets", str(args.synthetic_triplets),
+        "--equivalent_studies", str(args.equivalent_studies).lower(),
         *(["--stop_after_steps", str(args.stop_after_steps)] if args.stop_after_steps else []), *common,
     ])
     minutes = round((time.time() - started) / 60, 1)
@@ -135,12 +142,13 @@ def evaluate_and_install(model_dir: Path, args, train_rows, validation_rows, out
     output.mkdir(parents=True, exist_ok=True)
     model = LLM2Vec4CXRModel.from_pretrained(model_dir).eval()
     dense = llm2vec_encoder(model)  # the trained instruction is the model's default
+    model_name = EQUIVALENT_STUDIES_MODEL_NAME if args.equivalent_studies else MODEL_NAME
     encoders = {
         "tfidf": baselines.tfidf_encoder([harness.report_text(row) for row in validation_rows]),
         "bm25": baselines.bm25_scorer(),
         "all-MiniLM-L6-v2": baselines.minilm_encoder(),
-        MODEL_NAME: dense,
-        hybrid_name(MODEL_NAME): HybridScorer(dense),  # the default fusion and weights
+        model_name: dense,
+        hybrid_name(model_name): HybridScorer(dense),  # the default fusion and weights
     }
     results = harness.run_evaluation(encoders, validation_rows, seed=SEED)
     results["data"] = {
@@ -155,9 +163,11 @@ def evaluate_and_install(model_dir: Path, args, train_rows, validation_rows, out
         "instruction": INSTRUCTION, "seed": SEED, "minutes": minutes,
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if not torch.cuda.is_available()
         else torch.cuda.get_device_name(),
-        "families": [*POSITIVE_GENERATORS, *NEGATIVE_GENERATORS, "findings_impression", SYNTHETIC_FAMILY],
-        "command": "python training/make_default_text_encoder.py --install"
-        + (f" --stop-after-steps {args.stop_after_steps}" if args.stop_after_steps else ""),
+        "families": [*POSITIVE_GENERATORS, *NEGATIVE_GENERATORS, "findings_impression", SYNTHETIC_FAMILY,
+                     *(["equivalent_studies"] if args.equivalent_studies else [])],
+        "command": "python training/make_default_text_encoder.py" + (" --install" if args.install else "")
+        + (f" --stop-after-steps {args.stop_after_steps}" if args.stop_after_steps else "")
+        + (" --equivalent-studies" if args.equivalent_studies else ""),
     }
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(harness.results_markdown(results), flush=True)
@@ -167,7 +177,7 @@ def evaluate_and_install(model_dir: Path, args, train_rows, validation_rows, out
         shutil.rmtree(PACKAGE_TARGET, ignore_errors=True)
         model.save_pretrained(PACKAGE_TARGET)
         shutil.copy(output / "results.json", PACKAGE_TARGET / "results.json")
-        write_text_model_card(PACKAGE_TARGET, results, model_name=MODEL_NAME)
+        write_text_model_card(PACKAGE_TARGET, results, model_name=model_name)
         print(f"installed the default text encoder in {PACKAGE_TARGET}")
     return results
 
