@@ -22,6 +22,7 @@ weights go into a bidirectional backbone with a new pooling head). The trained e
 """
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import datasets
@@ -36,6 +37,7 @@ from llm2clip4cxr.augment.triplets import (
     load_triplets_jsonl,
 )
 from llm2clip4cxr.data import read_reports_csv, split_by_study
+from llm2clip4cxr.errors import InputError, LLM2CLIP4CXRError
 from llm2clip4cxr.training.factory import encoder_from_decoder
 from llm2clip4cxr.training.recipe import (
     apply_lora,
@@ -137,7 +139,7 @@ def prepared_report_rows(path: str, columns: list[str]) -> tuple[list[dict], lis
             continue
         missing = [column for column in columns if column not in dataset.column_names]
         if missing:
-            raise ValueError(f"{path} has no column(s) {missing}; its columns are {dataset.column_names}.")
+            raise InputError(f"{path} has no column(s) {missing}; its columns are {dataset.column_names}.")
         seen, rows = set(), []
         for row in dataset.select_columns(["study_id", *columns]).to_list():
             if row["study_id"] not in seen and any(row[column] for column in columns):
@@ -150,7 +152,7 @@ def prepared_report_rows(path: str, columns: list[str]) -> tuple[list[dict], lis
 def build_datasets(args: RecipeArguments, seed: int):
     columns = [column.strip() for column in args.report_columns.split(",")]
     if args.data and args.reports:
-        raise ValueError("Pass --data (a prepared folder) or --reports (a CSV), not both.")
+        raise InputError("Pass --data (a prepared folder) or --reports (a CSV), not both.")
     if args.data:  # the prepared folder's own (official or patient-level) split
         train_rows, validation_rows = prepared_report_rows(args.data, columns)
         rows = train_rows + validation_rows
@@ -159,7 +161,7 @@ def build_datasets(args: RecipeArguments, seed: int):
         train_rows, validation_rows = split_by_study(rows, args.validation_fraction, seed) if rows else ([], [])
     if args.stage == "mntp":
         if not rows:
-            raise ValueError("--stage mntp needs --reports (a CSV of report text).")
+            raise InputError("--stage mntp needs --reports (a CSV of report text).")
         return (datasets.Dataset.from_dict({"text": report_texts(train_rows, columns)}),
                 datasets.Dataset.from_dict({"text": report_texts(validation_rows, columns)}))
     if args.stage == "simcse":
@@ -168,9 +170,9 @@ def build_datasets(args: RecipeArguments, seed: int):
     if args.pairs:
         return {"pairs": datasets.Dataset.from_list(_triplet_columns(load_triplets_jsonl(args.pairs)))}, None
     if not rows:
-        raise ValueError("--stage contrastive needs --reports (variants are built from them) or --pairs.")
+        raise InputError("--stage contrastive needs --reports (variants are built from them) or --pairs.")
     if args.variants_per_report < 1:
-        raise ValueError(f"--variants_per_report must be at least 1, got {args.variants_per_report}.")
+        raise InputError(f"--variants_per_report must be at least 1, got {args.variants_per_report}.")
 
     def variants(subset, copies):
         # Each copy draws other variants of the same reports; repeated triplets are dropped.
@@ -192,7 +194,7 @@ def build_datasets(args: RecipeArguments, seed: int):
         train["synthetic"] = datasets.Dataset.from_list(_triplet_columns(synthetic))
     if args.equivalent_studies:
         if args.data:
-            raise ValueError("--equivalent_studies needs --reports with a label column; a prepared folder keeps none.")
+            raise InputError("--equivalent_studies needs --reports with a label column; a prepared folder keeps none.")
         train["equivalent"] = datasets.Dataset.from_list(
             build_equivalent_study_pairs(train_rows, label_column=args.label_column, seed=seed)
         )
@@ -266,7 +268,7 @@ class StopAfterSteps(transformers.TrainerCallback):
 def main(argv=None) -> str:
     args, training_args = parse_recipe_arguments(RecipeArguments, argv)
     if args.stage not in ("mntp", "contrastive", "simcse"):
-        raise ValueError(f"--stage must be mntp, contrastive or simcse, got {args.stage!r}.")
+        raise InputError(f"--stage must be mntp, contrastive or simcse, got {args.stage!r}.")
     transformers.set_seed(training_args.seed)
 
     encoder = load_encoder(args)
@@ -306,4 +308,7 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LLM2CLIP4CXRError as error:  # bad input: one line, not a traceback
+        sys.exit(f"error: {error}")

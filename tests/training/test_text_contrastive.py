@@ -1,5 +1,7 @@
 """The contrastive stage on sentence-transformers: length-bucketed forward, GradCache equivalence, recipe."""
 
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from llm2clip4cxr.augment.triplets import build_section_pairs
 from llm2clip4cxr.training.text import contrastive_loss, sentence_transformer_for
 
 from ..shared_data import OPENI_REPORTS as REPORTS_CSV
-from ..shared_data import import_recipe, needs_openi
+from ..shared_data import ROOT, import_recipe, needs_openi
 
 # GradCache recomputes each mini-batch in a second forward pass: float32 sums in another order.
 ATOL, RTOL = 1e-5, 1e-4
@@ -204,3 +206,20 @@ def test_recipe_trains_on_equivalent_studies_with_their_label_groups(saved_tiny_
         "--batch_sampler", "no_duplicates", "--multi_dataset_batch_sampler", "round_robin",
     ])
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file() and final
+
+
+def test_recipe_reports_bad_input_in_one_line_and_exit_status_1(saved_tiny_encoder, tmp_path):
+    reports = tmp_path / "reports.csv"
+    reports.write_text("uid,findings,impression\n1,Lungs clear.,No acute disease.\n2,Left effusion.,Effusion.\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "train_text_encoder.py"), "--stage", "contrastive",
+         "--model_name_or_path", str(saved_tiny_encoder), "--reports", str(reports), "--equivalent_studies", "true",
+         "--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--report_to", "none"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: reports[0] has no 'MeSH' column to group equivalent studies by; its keys are "
+        "['findings', 'impression', 'uid']."
+    )
+    assert "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from ..data.tables import json_lines
+from ..errors import InputError
 from .variants import NEGATIVE_GENERATORS, POSITIVE_GENERATORS, _normalized, _select, make_hard_negative, make_positive
 
 __all__ = [
@@ -152,7 +153,7 @@ def build_equivalent_study_pairs(
     groups: dict[frozenset[str], list[Mapping[str, str]]] = {}
     for index, row in enumerate(reports):
         if label_column not in row:
-            raise ValueError(
+            raise InputError(
                 f"reports[{index}] has no {label_column!r} column to group equivalent studies by; "
                 f"its keys are {sorted(row)}."
             )
