@@ -14,6 +14,9 @@ what no library does is written here:
   positive and hard negative of the (process-gathered) batch, and the batch size is no longer bounded by
   activation memory. The instruction is the trainer's prompt: `LLM2Vec4CXRSentenceEncoder.preprocess`
   prepends it and pools it out.
+* `EquivalenceAwareRankingLoss`: the same loss for rows labelled with an equivalence group (two studies with
+  identical label sets), whose in-batch candidates of the anchor's own group are masked instead of counted as
+  negatives; sentence-transformers has no label-aware mask.
 """
 
 import functools
