@@ -21,7 +21,7 @@ def test_same_style_and_order_give_the_same_text_and_a_new_style_rewords():
     assert len(texts) > 10
     for text in texts:  # every wording keeps the side, the size and the absent pneumothorax
         assert "left" in text and "small" in text.lower()
-        assert re.search(r"\b(no|not|negative|absent)\b", text, re.IGNORECASE)
+        assert re.search(r"\b(no|not|negative)\b", text, re.IGNORECASE)
 
 
 def test_a_mutation_changes_exactly_one_statement_of_the_anchor():

@@ -38,20 +38,12 @@ LOCATIONS = {
     "right_base": ("right", ("right lung base", "right base")),
     "left_base": ("left", ("left lung base", "left base")),
     "bibasilar": ("bilateral", ("lung bases bilaterally", "both lung bases")),
-    "right_apex": ("right", ("right lung apex", "right apex")),
-    "left_apex": ("left", ("left lung apex", "left apex")),
-    "right_mid": ("right", ("right mid lung", "right midlung zone")),
-    "left_mid": ("left", ("left mid lung", "left midlung zone")),
 }
 MIRROR = {"rul": "lul", "lul": "rul", "rml": "lingula", "lingula": "rml", "rll": "lll", "lll": "rll",
-          "right_base": "left_base", "left_base": "right_base", "right_apex": "left_apex", "left_apex": "right_apex",
-          "right_mid": "left_mid", "left_mid": "right_mid"}
+          "right_base": "left_base", "left_base": "right_base"}
 
-# Grades. No word here turns into a word of the held-out severity family's swaps by a mutation below
-# (e.g. no "slight"/"minimal" for mild: mild -> severe would then teach "slight" -> "severe").
-SIZE_WORDS = {"trace": ("trace", "tiny"), "small": ("small",), "moderate": ("moderate", "moderate-sized"),
-              "large": ("large",)}
-DEGREE_WORDS = {"mild": ("mild",), "moderate": ("moderate",), "severe": ("severe", "marked", "extensive")}
+SIZE_WORDS = {"small": ("small",), "moderate": ("moderate", "moderate-sized"), "large": ("large",)}
+DEGREE_WORDS = {"mild": ("mild",), "moderate": ("moderate",), "severe": ("severe", "marked")}
 DEGREE_ADVERBS = {"mild": ("mildly",), "moderate": ("moderately",), "severe": ("markedly", "severely")}
 
 
@@ -119,17 +111,6 @@ FINDINGS = {
                               "The lungs are not hyperinflated."), scale="degree"),
     "scarring": Finding(("scarring", "fibrotic change"), ("No scarring.",), located=True, scale="degree"),
     "granuloma": Finding(("calcified granuloma", "granuloma"), ("No calcified granulomas.",), located=True),
-    "subcutaneous_emphysema": Finding(("subcutaneous emphysema", "subcutaneous air", "soft tissue emphysema"),
-                                      ("No subcutaneous emphysema.", "No subcutaneous air."), sided=True,
-                                      scale="degree"),
-    "pneumoperitoneum": Finding(("pneumoperitoneum", "free intraperitoneal air", "free air under the diaphragm"),
-                                ("No pneumoperitoneum.", "No free air under the diaphragm.",
-                                 "No free intraperitoneal air.")),
-    "cavity": Finding(("cavitary lesion", "cavity", "cavitating lesion"), ("No cavitary lesion.",
-                      "No cavitation."), located=True),
-    "spine_degeneration": Finding(("thoracic spondylosis", "degenerative disease of the thoracic spine",
-                                   "degenerative change of the thoracic spine"),
-                                  ("No degenerative change of the thoracic spine.",), scale="degree"),
     "blunting": Finding(("blunting of the costophrenic angle", "costophrenic angle blunting"),
                         ("The costophrenic angles are sharp.", "No blunting of the costophrenic angles."),
                         plural="blunting of the costophrenic angles", sided=True),
@@ -146,9 +127,7 @@ NORMAL_STATEMENTS = {
                     "Pulmonary vascularity is within normal limits."),
 }
 NORMAL_SUMMARIES = ("No acute cardiopulmonary abnormality.", "No acute cardiopulmonary process.",
-                    "No acute cardiopulmonary disease.", "Normal chest radiograph.", "No acute findings in the chest.",
-                    "No active disease.", "Negative chest x-ray.", "Normal chest.", "No radiographic abnormality.",
-                    "Unremarkable chest radiograph.")
+                    "No acute cardiopulmonary disease.", "Normal chest radiograph.", "No acute findings in the chest.")
 
 # Devices: names, the sides they take, and tip positions (key -> interchangeable wordings).
 TIP_POSITIONS = {
@@ -164,10 +143,6 @@ TIP_POSITIONS = {
     "atrium": ("in the right atrium", "within the right atrium"),
     "ij_vein": ("in the internal jugular vein", "within the internal jugular vein"),
     "axillary": ("in the axillary vein", "within the axillary vein"),
-    "rv": ("in the right ventricle", "at the right ventricular apex", "in the RV"),
-    "ra": ("in the right atrium", "in the RA", "within the right atrial appendage"),
-    "coronary_sinus": ("in the coronary sinus", "within the coronary sinus"),
-    "trach_good": ("5 cm above the carina", "well above the carina", "in the mid trachea"),
 }
 
 
@@ -191,12 +166,6 @@ DEVICES = {
     "chest_tube": Device(("chest tube", "thoracostomy tube", "pleural drainage catheter"), (), sided=True),
     "pacemaker": Device(("pacemaker", "cardiac pacemaker", "pacer"), (), sided=True,
                         side_phrases=("{side}-sided", "{side} chest wall")),
-    "pacer_lead": Device(("pacemaker lead", "pacer lead", "pacing lead"), ("rv", "ra", "coronary_sinus")),
-    "icd": Device(("AICD", "implantable cardioverter-defibrillator", "ICD"), ("rv", "ra"), sided=True,
-                  side_phrases=("{side}-sided", "{side} chest wall")),
-    "tracheostomy": Device(("tracheostomy tube", "trach tube", "tracheostomy"), ("trach_good", "carina_low")),
-    "port": Device(("chest port", "port catheter", "Port-A-Cath"), ("svc", "cavoatrial", "atrium"), sided=True,
-                   side_phrases=("{side}-sided", "{side} chest wall")),
 }
 
 # Change over time. Each state is written as a modifier before the noun phrase ({np}) or as a predicate after it
@@ -204,19 +173,15 @@ DEVICES = {
 # since the prior study) are states of their own, opposite to each other.
 CHANGE_WORDS = {
     "new": ("new {np}", "interval development of {np}", "newly seen {np}", "{NP} is new",
-            "{NP}, new since the prior study", "{NP} has developed since the prior examination",
-            "{NP} is new compared with the previous radiograph", "{NP} was not present on the prior film"),
+            "{NP}, new since the prior study", "{NP} has developed since the prior examination"),
     "unchanged": ("unchanged {np}", "stable {np}", "{np}, unchanged from prior", "{NP} is unchanged",
-                  "{NP} is stable", "no change in {np}", "{NP} is unchanged compared with the prior study",
-                  "{NP}, stable since the previous examination", "{NP} looks the same as on the prior film"),
+                  "{NP} is stable", "no change in {np}", "{NP} is unchanged compared with the prior study"),
     "increased": ("increased {np}", "interval increase in {np}", "worsening {np}", "{NP} has increased",
                   "{NP} has worsened", "{NP} is larger than on the prior study", "{NP} has progressed",
-                  "progression of {np}", "{NP}, increased from prior", "{NP} is bigger than before",
-                  "{NP} has grown since the previous examination"),
+                  "progression of {np}"),
     "decreased": ("decreased {np}", "interval decrease in {np}", "improving {np}", "{NP} has decreased",
                   "{NP} has improved", "{NP} is smaller than on the prior study", "interval improvement of {np}",
-                  "{NP} is improving", "{NP}, decreased from prior", "{NP} is less than before",
-                  "{NP} has diminished since the previous examination"),
+                  "{NP} is improving"),
     "persistent": ("persistent {np}", "{NP} persists", "{NP} is again seen", "{NP} remains",
                    "{NP} is still present"),
     "resolved": ("interval resolution of {np}", "{NP} has resolved", "previously seen {np} has cleared",
@@ -289,7 +254,7 @@ def _finding_phrase(statement: Statement, rng: random.Random) -> tuple[str, bool
             location = f" at {'' if wording.startswith('both') else 'the '}{wording}" if rng.random() < 0.5 else ""
             if not location:
                 modifiers.append("bibasilar")
-        elif rng.random() < 0.5 and not wording.endswith(("base", "apex", "zone")):
+        elif rng.random() < 0.5 and not wording.endswith("base"):
             modifiers.append(wording)
         else:
             location = f" in the {wording}"
@@ -299,13 +264,13 @@ def _finding_phrase(statement: Statement, rng: random.Random) -> tuple[str, bool
 # Ways of stating that a finding is absent, beside each finding's own wordings.
 ABSENT_TEMPLATES = ("No {name}.", "There is no {name}.", "No evidence of {name}.", "No {name} is seen.",
                     "{Name} is not seen.", "{Name} is not identified.", "Negative for {name}.",
-                    "No radiographic evidence of {name}.", "{Name} is absent.", "There is no sign of {name}.")
+                    "No radiographic evidence of {name}.")
 
 # Uncountable findings take no article ("There is pulmonary edema").
 MASS_NOUNS = frozenset({"edema", "congestion", "atelectasis", "consolidation", "emphysema", "pneumonia", "change",
                         "disease", "lymphadenopathy", "adenopathy", "thickening", "scarring", "hyperinflation",
                         "widening", "blunting", "markings", "opacities", "lungs", "hemidiaphragm", "mediastinum",
-                        "angle", "angles", "air", "pneumoperitoneum", "spondylosis", "spine", "diaphragm"})
+                        "angle", "angles"})
 
 
 def _present_sentence(noun_phrase: str, plural: bool, rng: random.Random) -> str:
@@ -408,7 +373,7 @@ def _random_finding(rng: random.Random, exclude=(), name: str | None = None) -> 
     elif finding.sided:
         side = rng.choice(("left", "right", "right", "left", "bilateral"))
     if finding.scale == "size":
-        grade = rng.choice((None, "trace", "small", "moderate", "large"))
+        grade = rng.choice((None, "small", "moderate", "large"))
     elif finding.scale == "degree":
         grade = rng.choice((None, "mild", "moderate", "severe"))
     elif finding.scale == "measure":
@@ -449,7 +414,6 @@ def sample_state(rng: random.Random) -> list[Statement]:
         "infiltrate",
         "mass",
         "hilar",
-        "pneumoperitoneum",
     ]
     for name in rng.sample(commonly_absent, rng.randint(1, 3)):
         if name not in used:
@@ -480,7 +444,7 @@ def _mutations(statement: Statement, rng: random.Random, lungs_clear: bool) -> l
                 out.append(("laterality", replace(statement, side=other)))
             elif finding.sided and statement.side == "bilateral":
                 out.append(("laterality", replace(statement, side=rng.choice(("left", "right")))))
-            if statement.grade in ("trace", "small", "mild"):
+            if statement.grade in ("small", "mild"):
                 out.append(
                     ("severity_size", replace(statement, grade="large" if finding.scale == "size" else "severe"))
                 )
