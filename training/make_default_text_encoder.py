@@ -78,6 +78,9 @@ def main(argv=None):
     parser.add_argument("--equivalent-studies", action="store_true",
                         help="also train pairs of different studies with identical MeSH label sets as positives "
                         "(train_text_encoder.py --equivalent_studies; an experiment, off in the shipped default)")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="training seed (weights, masking, variants, batches); the split and the tokenizer keep "
+                        f"seed {SEED}, so runs of several seeds share the held-out studies")
     parser.add_argument("--skip-evaluation", action="store_true", help="train only (the twin is evaluated elsewhere)")
     parser.add_argument("--resume", action="store_true", help="resume interrupted stages from their checkpoints")
     args = parser.parse_args(argv)
@@ -95,7 +98,7 @@ def main(argv=None):
         return evaluate_and_install(
             Path(args.evaluate_only), args, train_rows, validation_rows, output, minutes=args.training_minutes
         )
-    transformers.set_seed(SEED)
+    transformers.set_seed(args.seed)
     train_texts = [harness.report_text(row) for row in train_rows]
     # Synthetic text (another seed than training's) gives device and finding words their own tokens.
     synthetic_texts = [
@@ -111,8 +114,9 @@ def main(argv=None):
         )
         initial.save_pretrained(output / "init")
 
-    common = ["--reports", str(reports_csv), "--validation_fraction", str(args.held_out_fraction), "--seed", str(SEED),
-              "--report_to", "none", "--logging_steps", "50", "--save_steps", "100", "--save_total_limit", "1",
+    common = ["--reports", str(reports_csv), "--validation_fraction", str(args.held_out_fraction),
+              "--seed", str(args.seed), "--split_seed", str(SEED), "--report_to", "none", "--logging_steps", "50",
+              "--save_steps", "100", "--save_total_limit", "1",
               "--disable_tqdm", "true", "--resume", str(args.resume).lower(), "--use_cpu",
               str(not torch.cuda.is_available()).lower(), "--bf16", "true", "--eval_strategy", "no"]
     mntp = train_text_encoder.main([
@@ -160,13 +164,14 @@ def evaluate_and_install(model_dir: Path, args, train_rows, validation_rows, out
         "mntp_steps": args.mntp_steps, "contrastive_steps": args.stop_after_steps or args.contrastive_steps,
         "contrastive_schedule_steps": args.contrastive_steps, "batch_size": args.batch_size,
         "variants_per_report": args.variants_per_report, "synthetic_triplets": args.synthetic_triplets,
-        "instruction": INSTRUCTION, "seed": SEED, "minutes": minutes,
+        "instruction": INSTRUCTION, "seed": args.seed, "split_seed": SEED, "minutes": minutes,
         "device": f"{platform.machine()} CPU, {torch.get_num_threads()} threads" if not torch.cuda.is_available()
         else torch.cuda.get_device_name(),
         "families": [*POSITIVE_GENERATORS, *NEGATIVE_GENERATORS, "findings_impression", SYNTHETIC_FAMILY,
                      *(["equivalent_studies"] if args.equivalent_studies else [])],
         "command": "python training/make_default_text_encoder.py" + (" --install" if args.install else "")
         + (f" --stop-after-steps {args.stop_after_steps}" if args.stop_after_steps else "")
+        + (f" --seed {args.seed}" if args.seed != SEED else "")
         + (" --equivalent-studies" if args.equivalent_studies else ""),
     }
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -71,6 +71,10 @@ class RecipeArguments:
         default=None, metadata={"help": "JSONL of anchor/positive[/negative] (e.g. LLM-made variants)"}
     )
     validation_fraction: float = field(default=0.1, metadata={"help": "reports held out by study id (seeded)"})
+    split_seed: int | None = field(
+        default=None,
+        metadata={"help": "seed of the study split (default: --seed); fix it to train other seeds on the same split"},
+    )
     instruction: str | None = field(
         default=None,
         metadata={
@@ -158,7 +162,8 @@ def build_datasets(args: RecipeArguments, seed: int):
         rows = train_rows + validation_rows
     else:
         rows = read_reports_csv(args.reports, text_columns=columns) if args.reports else []
-        train_rows, validation_rows = split_by_study(rows, args.validation_fraction, seed) if rows else ([], [])
+        split_seed = seed if args.split_seed is None else args.split_seed
+        train_rows, validation_rows = split_by_study(rows, args.validation_fraction, split_seed) if rows else ([], [])
     if args.stage == "mntp":
         if not rows:
             raise InputError("--stage mntp needs --reports (a CSV of report text).")

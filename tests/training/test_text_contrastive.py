@@ -223,3 +223,23 @@ def test_recipe_reports_bad_input_in_one_line_and_exit_status_1(saved_tiny_encod
         "['findings', 'impression', 'uid']."
     )
     assert "Traceback" not in result.stderr
+
+
+def test_split_seed_keeps_the_held_out_studies_when_the_training_seed_changes(saved_tiny_encoder, tmp_path):
+    # Runs of several training seeds are only comparable on the same held-out studies.
+    train_text_encoder = import_recipe("train_text_encoder")
+    reports = tmp_path / "reports.csv"
+    reports.write_text("uid,findings,impression\n" + "".join(
+        f"{i},Finding number {i}.,Impression number {i}.\n" for i in range(60)
+    ))
+
+    def held_out(seed, split_seed=None):
+        args = train_text_encoder.RecipeArguments(stage="mntp", model_name_or_path=str(saved_tiny_encoder),
+                                                  reports=str(reports), validation_fraction=0.2,
+                                                  split_seed=split_seed)
+        _, validation = train_text_encoder.build_datasets(args, seed=seed)
+        return sorted(validation["text"])
+
+    assert held_out(1, split_seed=0) == held_out(2, split_seed=0) == held_out(0)
+    assert held_out(1) != held_out(2)  # without it, the seed also moves the split (the recipe's old behaviour)
+    assert len(held_out(1, split_seed=0)) == 12
