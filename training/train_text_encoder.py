@@ -23,6 +23,7 @@ weights go into a bidirectional backbone with a new pooling head). The trained e
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import datasets
@@ -38,8 +39,10 @@ from llm2clip4cxr.augment.triplets import (
 )
 from llm2clip4cxr.data import read_reports_csv, split_by_study
 from llm2clip4cxr.errors import InputError, LLM2CLIP4CXRError
+from llm2clip4cxr.fileio import atomic_write_json
 from llm2clip4cxr.training.factory import encoder_from_decoder
 from llm2clip4cxr.training.recipe import (
+    TrainingTimeBudget,
     apply_lora,
     last_complete_checkpoint,
     parse_recipe_arguments,
@@ -100,6 +103,9 @@ class RecipeArguments:
                                                         "triplets (llm2clip4cxr.augment.synthetic)"})
     stop_after_steps: int | None = field(default=None, metadata={"help": "stop at this step (the learning-rate "
                                                               "schedule still spans --max_steps)"})
+    time_budget_minutes: float | None = field(default=None, metadata={"help": "train for this wall-clock time: the "
+                                              "learning rate decays with the time spent, --max_steps only caps "
+                                              "the run (the steps reached go to train_summary.json)"})
     bucket_rows: int = field(default=32, metadata={"help": "contrastive: rows per length-sorted forward bucket"})
     pooling_mode: str = field(default="mean", metadata={"help": "pooling head when starting from a plain decoder"})
     mask_probability: float = field(default=0.2, metadata={"help": "MNTP: fraction of tokens masked"})
@@ -302,12 +308,23 @@ def main(argv=None) -> str:
     if args.stop_after_steps:
         trainer.add_callback(StopAfterSteps(args.stop_after_steps))
     resume_from = last_complete_checkpoint(training_args.output_dir, remove_incomplete=True) if args.resume else None
+    if args.time_budget_minutes:
+        if resume_from:
+            raise InputError(f"--time_budget_minutes cannot resume {resume_from}: its schedule follows one run's "
+                             "clock. Resume with --max_steps set to the interrupted run's planned steps instead.")
+        trainer.add_callback(TrainingTimeBudget(args.time_budget_minutes))
+    started = time.monotonic()
     trainer.train(resume_from_checkpoint=resume_from)
     if args.lora:
         encoder.model = encoder.model.merge_and_unload()
     final = None
     if trainer.is_world_process_zero():
         final = save_pretrained_atomically(training_args.output_dir, encoder)
+        # What a time-budgeted run reached, for the model card (trainer_state.json is only in checkpoints).
+        atomic_write_json(os.path.join(training_args.output_dir, "train_summary.json"), {
+            "global_step": trainer.state.global_step, "minutes": round((time.monotonic() - started) / 60, 2),
+            "time_budget_minutes": args.time_budget_minutes,
+        }, indent=2)
         print(f"saved the trained encoder to {final}")
     return final
 

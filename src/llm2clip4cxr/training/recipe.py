@@ -7,6 +7,9 @@ import logging
 import os
 import re
 import shutil
+import time
+
+from transformers import TrainerCallback
 
 from ..fileio import atomic_write_folder
 
@@ -14,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
+    "TrainingTimeBudget",
     "apply_lora",
     "last_complete_checkpoint",
     "parse_recipe_arguments",
@@ -93,3 +97,41 @@ def save_pretrained_atomically(output_dir: str | os.PathLike, *objects) -> str:
             obj.save_pretrained(staging)
 
     return str(atomic_write_folder(os.path.join(os.fspath(output_dir), "model"), write))
+
+
+class TrainingTimeBudget(TrainerCallback):
+    """Train for a wall-clock budget instead of a step count.
+
+    The learning rate warms up over the run's warmup steps, then falls linearly to zero with the fraction of the
+    budget spent (not of `max_steps`, which only caps the run), and training stops once the budget is spent. Made
+    for a machine whose speed is not known ahead, such as a lent GPU that several runs share: the steps reached
+    are in `trainer.state.global_step`, and `--max_steps` set to them gives the same schedule anywhere at a steady
+    throughput. Transformers' own `max_steps` schedules need the step count up front, hence this callback.
+    """
+
+    def __init__(self, minutes: float, clock=time.monotonic):
+        if not minutes > 0:
+            raise ValueError(f"The time budget must be a positive number of minutes, got {minutes}.")
+        self.seconds = minutes * 60
+        self.clock = clock
+        self.started = None
+        self.warmup_steps = 0
+
+    def spent(self) -> float:
+        """The fraction of the budget spent (0 before training starts)."""
+        return 0.0 if self.started is None else (self.clock() - self.started) / self.seconds
+
+    def learning_rate_factor(self, step: int) -> float:
+        warmup = min(1.0, step / self.warmup_steps) if self.warmup_steps else 1.0
+        return warmup * max(0.0, 1.0 - self.spent())
+
+    def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+        self.started = self.clock()
+        self.warmup_steps = args.get_warmup_steps(args.max_steps)
+        # Every transformers schedule is a LambdaLR: its factor of the peak rate now follows the clock.
+        lr_scheduler.lr_lambdas = [self.learning_rate_factor] * len(lr_scheduler.lr_lambdas)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.spent() >= 1.0:
+            control.should_training_stop = True
+        return control
