@@ -18,7 +18,13 @@ from pathlib import Path
 
 from .errors import CorruptFileError, InputError, UntrustedCodeError
 
-__all__ = ["check_model_folder", "check_safetensors_file", "read_json_object", "remote_code_guard"]
+__all__ = [
+    "check_model_folder",
+    "check_safetensors_file",
+    "read_json_object",
+    "remote_code_guard",
+    "store_weights_in_half_precision",
+]
 
 # What torch.save / pickle files start with: a zip archive, or a pickle protocol opcode.
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")
@@ -80,6 +86,37 @@ def _weight_files(folder: Path) -> list[Path]:
             raise FileNotFoundError(f"{folder}: the shard(s) {missing} named by {index.name} are missing.")
         return shards
     return sorted(folder.glob("*.safetensors"))
+
+
+def store_weights_in_half_precision(folder: str | os.PathLike) -> int:
+    """Rewrite the float32 tensors of a saved model's safetensors file(s) as float16, in place and atomically;
+    returns how many tensors changed.
+
+    Halves the folder's size (a model shipped inside the package). `config.json` keeps `"dtype": "float32"`, so
+    `from_pretrained` (transformers' default `dtype="auto"` reads the config) and sentence-transformers load the
+    model as float32, as before; only the stored weights are rounded.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_write
+
+    folder = Path(folder)
+    config = read_json_object(folder / "config.json")
+    if config.get("dtype", config.get("torch_dtype")) not in (None, "float32"):
+        raise InputError(f"{folder}: config.json says dtype {config.get('dtype')!r}; only a float32 model is halved "
+                         "(its config keeps float32, so it loads as float32).")
+    changed = 0
+    for path in _weight_files(folder):
+        check_safetensors_file(path)
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (safe_open is no dict)
+        changed += sum(tensor.dtype == torch.float32 for tensor in tensors.values())
+        halved = {name: t.half() if t.dtype == torch.float32 else t for name, t in tensors.items()}
+        atomic_write(path, lambda temp, halved=halved, metadata=metadata: save_file(halved, str(temp), metadata))
+    return changed
 
 
 def check_model_folder(path: str | os.PathLike, argument: str = "--model", kind: str = "checkpoint") -> Path:
