@@ -1,0 +1,40 @@
+import json
+
+from ..shared_data import import_recipe, needs_openi
+
+
+def test_the_recorded_command_names_every_training_flag_that_differs_from_its_default():
+    make_default = import_recipe("make_default_text_encoder")
+    args = make_default.build_parser().parse_args([
+        "--output-dir", "runs/x", "--held-out-fraction", "0.2", "--hidden-size", "384", "--contrastive-minutes", "4.0",
+        "--half-precision-weights", "--skip-evaluation", "--resume",
+    ])
+    assert make_default.recipe_command(args) == (
+        "python training/make_default_text_encoder.py --contrastive-minutes 4.0 --hidden-size 384 "
+        "--half-precision-weights --held-out-fraction 0.2"
+    )  # where the run goes and how it is driven (output, resume, evaluation) do not change the model
+    defaults = make_default.build_parser().parse_args([])
+    assert make_default.recipe_command(defaults) == "python training/make_default_text_encoder.py"
+    assert make_default.backbone_kwargs(args) == {
+        "hidden_size": 384, "num_layers": 4, "num_heads": 6, "num_kv_heads": 6, "intermediate_size": 1152,
+        "max_position_embeddings": 512,
+    }
+
+
+@needs_openi
+def test_a_sweep_trains_twin_and_final_of_each_variant_and_chooses_on_development_studies(tmp_path):
+    sweep = import_recipe("sweep_default_text_encoder")
+    tiny = ("--mntp-steps 2 --contrastive-steps 2 --batch-size 8 --mntp-batch-size 4 --synthetic-triplets 20 "
+            "--variants-per-report 1 --hidden-size 64 --num-layers 1")
+    assert sweep.main(["--output-dir", str(tmp_path), "--variant", "tiny", tiny, "--common", "--save-steps 1000"]) == 0
+    results = json.loads((tmp_path / "sweep.json").read_text())
+    assert results["chosen"] == "tiny"
+    variant = results["variants"]["tiny"]
+    assert variant["twin"]["exit_code"] == variant["final"]["exit_code"] == 0
+    assert "--held-out-fraction 0.2" in variant["twin"]["training"]["command"]
+    assert "--held-out-fraction" not in variant["final"]["training"]["command"]  # the default 0.1: the shippable one
+    assert variant["final"]["training"]["backbone"]["hidden_size"] == 64
+    development = variant["development"]
+    assert development["queries"] > 200  # the twin's hold-out minus the reported split
+    assert development["criterion"] == (development["strict_recall@1"] + development["unique_recall@1"]
+                                        + development["ordering_accuracy"]) / 3
