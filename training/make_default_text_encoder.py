@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "--mntp-steps only caps it): for a machine of unknown speed, such as a shared GPU")
     parser.add_argument("--contrastive-minutes", type=float, default=None,
                         help="the same for the contrastive stage (--contrastive-steps caps it)")
+    parser.add_argument("--bucket-rows", type=int, default=32,
+                        help="contrastive rows per length-sorted forward pass: small saves padding on a CPU, large "
+                        "saves kernel launches on a GPU (256 there)")
+    parser.add_argument("--dataloader-workers", type=int, default=0,
+                        help="processes that tokenize the next batches while the model trains: on a GPU the "
+                        "contrastive stage otherwise waits on tokenizing (8 there)")
     parser.add_argument("--hidden-size", type=int, default=256, help="backbone width (heads of 64 dimensions)")
     parser.add_argument("--num-layers", type=int, default=4, help="backbone layers")
     parser.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default: 3 x --hidden-size)")
@@ -153,6 +159,7 @@ def main(argv=None):
     common = ["--reports", str(reports_csv), "--validation_fraction", str(args.held_out_fraction),
               "--seed", str(args.seed), "--split_seed", str(SEED), "--report_to", "none", "--logging_steps", "50",
               "--save_steps", str(args.save_steps), "--save_total_limit", "1",
+              "--dataloader_num_workers", str(args.dataloader_workers),
               "--disable_tqdm", "true", "--resume", str(args.resume).lower(), "--use_cpu",
               str(not torch.cuda.is_available()).lower(), "--bf16", "true", "--eval_strategy", "no"]
     mntp = train_text_encoder.main([
@@ -168,7 +175,8 @@ def main(argv=None):
         "--learning_rate", "3e-4", "--warmup_steps", "60", "--weight_decay", "0.01",
         "--batch_sampler", "no_duplicates", "--multi_dataset_batch_sampler", "round_robin",
         "--instruction", INSTRUCTION, "--instruction_name", INSTRUCTION_NAME,
-        "--variants_per_report", str(args.variants_per_report), "--synthetic_triplets", str(args.synthetic_triplets),
+        "--bucket_rows", str(args.bucket_rows), "--variants_per_report", str(args.variants_per_report),
+        "--synthetic_triplets", str(args.synthetic_triplets),
         "--equivalent_studies", str(args.equivalent_studies).lower(),
         *(["--stop_after_steps", str(args.stop_after_steps)] if args.stop_after_steps else []),
         *(["--time_budget_minutes", str(args.contrastive_minutes)] if args.contrastive_minutes else []), *common,
@@ -201,6 +209,7 @@ def training_record(args, minutes, output: Path | None = None) -> dict:
         "mntp_batch_size": args.mntp_batch_size,
         "contrastive_steps": steps_reached(output / "contrastive", contrastive_steps) if output else contrastive_steps,
         "contrastive_schedule_steps": args.contrastive_steps, "batch_size": args.batch_size,
+        "bucket_rows": args.bucket_rows,
         "time_budget_minutes": {"mntp": args.mntp_minutes, "contrastive": args.contrastive_minutes},
         "backbone": backbone_kwargs(args),
         "variants_per_report": args.variants_per_report, "synthetic_triplets": args.synthetic_triplets,
