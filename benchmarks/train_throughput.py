@@ -5,7 +5,10 @@ runs 3 x batch-size texts forward and backward. Rows, all in the same run:
     one padded pass (baseline): every text of a column padded to the column's longest;
     length buckets: the encoder's forward in length-sorted buckets of 32 rows (the recipe's default);
     GradCache: CachedMultipleNegativesRankingLoss with mini-batches of 32 (memory of one mini-batch);
-with mean and latent-attention pooling, and an MNTP step (1 text per sample) as a reference.
+with mean and latent-attention pooling, and an MNTP step (1 text per sample) as a reference. Last, the
+tokenizing alone (what the data collator does for each step, in the main process unless the trainer has
+dataloader workers), as a share of the bucketed step: on a GPU the model's part shrinks and this share is
+what is left, which is why make_default_text_encoder.py has --dataloader-workers.
 
     python benchmarks/train_throughput.py [--hidden-size 256] [--layers 4] [--batch-size 128] [--steps 6]
 """
@@ -35,6 +38,18 @@ def time_steps(step, batches, warmup: int = 2) -> float:
 
 INSTRUCTION = "Retrieve reports with the same clinical findings"
 ROLES = ("anchor", "positive", "negative")
+
+
+def tokenize_seconds(args, tokenizer, triplets) -> float:
+    """Seconds to tokenize one step's three columns, as the collator does before each step."""
+    st_model = sentence_transformer_for(build_text_encoder(tokenizer, pooling_mode="mean"))
+    batches = [triplets[i : i + args.batch_size] for i in range(0, len(triplets), args.batch_size)]
+
+    def step(rows):
+        for role in ROLES:
+            st_model.preprocess([t[role] for t in rows], prompt=INSTRUCTION)
+
+    return time_steps(step, batches)
 
 
 def contrastive_seconds(args, tokenizer, triplets, pooling_mode: str, bucket_rows: int, mini_batch_size):
@@ -103,17 +118,23 @@ def main():
         ("length buckets of 32", 32, None),
         ("GradCache, mini-batch 32", 32, 32),
     )
+    bucketed = None
     for pooling_mode in ("mean", "latent_attention"):
         baseline = None
         for name, bucket_rows, mini_batch_size in variants:
             seconds, model = contrastive_seconds(args, tokenizer, triplets, pooling_mode, bucket_rows, mini_batch_size)
             baseline = baseline or seconds
+            if pooling_mode == "mean" and bucket_rows == 32 and mini_batch_size is None:
+                bucketed = seconds
             print(f"contrastive, {pooling_mode:>16} pooling, {name:<26}: {args.batch_size / seconds:7.1f} triplets/s "
                   f"({seconds:.2f} s/step, {baseline / seconds:.2f}x the padded pass)")
         if pooling_mode == "mean":
             seconds = mntp_seconds(model, tokenizer, triplets, args.batch_size)
             rate = args.batch_size / seconds
             print(f"MNTP (reference)                  : {rate:7.1f} reports/s ({seconds:.2f} s/step)")
+    seconds = tokenize_seconds(args, tokenizer, triplets)
+    print(f"tokenizing one step's texts only  : {seconds:.3f} s/step, {seconds / bucketed:.0%} of the bucketed mean-"
+          "pooling step")
 
 
 if __name__ == "__main__":
