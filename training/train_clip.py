@@ -25,6 +25,7 @@ to `<output_dir>/model` (atomically: a complete folder or none).
 import json
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import transformers
 from transformers import AutoModel, AutoProcessor
 
 from llm2clip4cxr import LLM2CLIP4CXRImageProcessor, LLM2CLIP4CXRModel, LLM2CLIP4CXRProcessor  # registers Auto classes
+from llm2clip4cxr.errors import InputError, LLM2CLIP4CXRError
 from llm2clip4cxr.training.clip import (
     ClipCollator,
     ClipTrainer,
@@ -79,15 +81,15 @@ class RecipeArguments:
 
     def __post_init__(self):
         if (self.model_name_or_path is None) == (self.text_model_name_or_path is None):
-            raise ValueError("Pass exactly one of --model_name_or_path and --text_model_name_or_path (with --vision).")
+            raise InputError("Pass exactly one of --model_name_or_path and --text_model_name_or_path (with --vision).")
         if self.text_model_name_or_path is not None and self.vision is None:
-            raise ValueError("--text_model_name_or_path needs --vision (a vision checkpoint or config JSON).")
+            raise InputError("--text_model_name_or_path needs --vision (a vision checkpoint or config JSON).")
         if self.cache_text_embeddings and (not self.freeze_text or self.lora_text):
-            raise ValueError(
+            raise InputError(
                 "--cache_text_embeddings needs a frozen text tower: add --freeze_text and drop --lora_text."
             )
         if self.freeze_text and self.lora_text:
-            raise ValueError("--freeze_text and --lora_text exclude each other (LoRA trains the text tower).")
+            raise InputError("--freeze_text and --lora_text exclude each other (LoRA trains the text tower).")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -98,16 +100,16 @@ def read_rows(path: str) -> list[dict]:
 
         rows = load_prepared(path, split="train").to_list()
         if rows and "image" not in rows[0]:
-            raise ValueError(f"{path} has no `image` column (prepared with --unit study or --text-only); "
+            raise InputError(f"{path} has no `image` column (prepared with --unit study or --text-only); "
                              "CLIP training needs one row per image: prepare it with --unit image.")
     elif path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif path.suffix == ".csv":
         rows = datasets.Dataset.from_csv(str(path), keep_in_memory=True).to_list()
     else:
-        raise ValueError(f"--data must be a .csv or .jsonl file or a prepared folder, got {path.name!r}.")
+        raise InputError(f"--data must be a .csv or .jsonl file or a prepared folder, got {path.name!r}.")
     if not rows or "image" not in rows[0] or not {"findings", "impression"} & rows[0].keys():
-        raise ValueError(
+        raise InputError(
             f"{path} needs an `image` column and `findings` and/or `impression`; "
             f"got {sorted(rows[0]) if rows else 'no rows'}."
         )
@@ -193,4 +195,7 @@ def main(argv=None) -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LLM2CLIP4CXRError as error:  # bad input: one line, not a traceback
+        sys.exit(f"error: {error}")

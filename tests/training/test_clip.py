@@ -2,6 +2,8 @@ import copy
 import json
 import math
 import random
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +24,7 @@ from llm2clip4cxr.training.clip import (
 )
 from llm2clip4cxr.training.losses import supervised_contrastive_loss
 
+from ..shared_data import ROOT
 from ..shared_data import XRV as SAMPLES
 from ..shared_data import import_recipe, needs_samples
 
@@ -251,3 +254,17 @@ def test_collator_emits_cached_rows_instead_of_tokens(processor):
     torch.testing.assert_close(batch["text_embeds_cached"], table[[2, 0]])
     online = ClipCollator(processor)(rows)
     assert {"input_ids", "attention_mask", "embed_mask", "pixel_values", "labels"} <= set(online)
+
+
+def test_recipe_reports_bad_input_in_one_line_and_exit_status_1(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "train_clip.py"), "--model_name_or_path", str(tmp_path / "a"),
+         "--text_model_name_or_path", str(tmp_path / "b"), "--data", str(tmp_path / "rows.csv"),
+         "--output_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: Pass exactly one of --model_name_or_path and --text_model_name_or_path (with --vision)."
+    )
+    assert "Traceback" not in result.stderr
