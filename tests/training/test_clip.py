@@ -24,9 +24,8 @@ from llm2clip4cxr.training.clip import (
 )
 from llm2clip4cxr.training.losses import supervised_contrastive_loss
 
-from ..shared_data import ROOT
+from ..shared_data import ROOT, import_recipe, needs_samples
 from ..shared_data import XRV as SAMPLES
-from ..shared_data import import_recipe, needs_samples
 
 SAMPLE_PNGS = sorted(SAMPLES.rglob("*.png")) if SAMPLES.is_dir() else []
 TINY_VISION = dict(
