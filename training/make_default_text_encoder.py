@@ -126,6 +126,10 @@ def recipe_command(args) -> str:
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.hidden_size % 64:
+        parser.error(
+            f"--hidden-size must be a multiple of 64 (attention heads of 64 dimensions), got {args.hidden_size}."
+        )
     output = Path(args.output_dir)
     reports_csv = shared_data_dir() / "openi" / "reports.csv"
     started = time.time()

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from ..shared_data import import_recipe, needs_openi
 
 
@@ -19,6 +21,16 @@ def test_the_recorded_command_names_every_training_flag_that_differs_from_its_de
         "hidden_size": 384, "num_layers": 4, "num_heads": 6, "num_kv_heads": 6, "intermediate_size": 1152,
         "max_position_embeddings": 512,
     }
+
+
+def test_a_backbone_width_that_is_no_multiple_of_the_head_size_is_refused_in_one_line(capsys):
+    make_default = import_recipe("make_default_text_encoder")
+    with pytest.raises(SystemExit) as exit_info:
+        make_default.main(["--hidden-size", "100"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: --hidden-size must be a multiple of 64 (attention heads of 64 dimensions), got 100."
+    )
 
 
 @needs_openi
