@@ -311,7 +311,7 @@ def main(argv=None) -> str:
     if args.time_budget_minutes:
         if resume_from:
             raise InputError(f"--time_budget_minutes cannot resume {resume_from}: its schedule follows one run's "
-                             "clock. Resume with --max_steps set to the interrupted run's planned steps instead.")
+                             "clock. Start again without --resume, or resume without the budget and with --max_steps.")
         trainer.add_callback(TrainingTimeBudget(args.time_budget_minutes))
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=resume_from)

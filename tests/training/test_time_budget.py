@@ -43,9 +43,14 @@ def test_learning_rate_follows_the_budget_spent_and_training_stops_when_it_is_sp
     assert control.should_training_stop
 
 
-def test_a_budget_must_be_positive():
+def test_a_budget_must_be_positive_and_needs_a_step_schedule(tmp_path):
     with pytest.raises(ValueError, match="positive number of minutes"):
         TrainingTimeBudget(minutes=0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, report_to="none")
+    with pytest.raises(ValueError, match="needs a step schedule"):
+        TrainingTimeBudget(minutes=1).on_train_begin(args, TrainerState(), TrainerControl(), lr_scheduler=plateau)
 
 
 @needs_openi
@@ -60,5 +65,5 @@ def test_the_recipe_stops_at_its_time_budget_and_records_the_steps_reached(saved
     assert 0 < summary["global_step"] < 1_000_000 and summary["time_budget_minutes"] == 0.05
     assert summary["minutes"] < 1  # it stopped at the budget, not at --max_steps
     # A resumed run would restart the clock with the rate already decayed: refused, with what to do instead.
-    with pytest.raises(InputError, match="Resume with --max_steps"):
+    with pytest.raises(InputError, match="resume without the budget and with --max_steps"):
         train_text_encoder.main([*args, "--resume", "true"])

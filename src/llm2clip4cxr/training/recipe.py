@@ -128,7 +128,10 @@ class TrainingTimeBudget(TrainerCallback):
     def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
         self.started = self.clock()
         self.warmup_steps = args.get_warmup_steps(args.max_steps)
-        # Every transformers schedule is a LambdaLR: its factor of the peak rate now follows the clock.
+        # Transformers' step schedules are LambdaLRs: their factor of the peak rate now follows the clock.
+        if not hasattr(lr_scheduler, "lr_lambdas"):
+            raise ValueError(f"A time budget needs a step schedule (--lr_scheduler_type linear, cosine, constant...), "
+                             f"not {type(lr_scheduler).__name__}.")
         lr_scheduler.lr_lambdas = [self.learning_rate_factor] * len(lr_scheduler.lr_lambdas)
 
     def on_step_end(self, args, state, control, **kwargs):
