@@ -70,7 +70,7 @@ def main(argv=None):
     if len(set(names)) != len(names) or not all(name.replace("-", "").isalnum() for name in names):
         parser.error(f"variant names must be distinct letters, digits and '-', got {names}")
 
-    runs = {}  # (variant, role) -> (process, folder)
+    runs = {}  # (variant, role) -> (process, run folder, open log file)
     threads = str(max(1, (os.cpu_count() or 2) // (2 * len(names))))
     started = time.monotonic()
     for name, flags in args.variant:

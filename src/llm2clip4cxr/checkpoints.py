@@ -104,8 +104,9 @@ def store_weights_in_half_precision(folder: str | os.PathLike) -> int:
 
     folder = Path(folder)
     config = read_json_object(folder / "config.json")
-    if config.get("dtype", config.get("torch_dtype")) not in (None, "float32"):
-        raise InputError(f"{folder}: config.json says dtype {config.get('dtype')!r}; only a float32 model is halved "
+    dtype = config.get("dtype", config.get("torch_dtype"))  # transformers 4 wrote torch_dtype
+    if dtype not in (None, "float32"):
+        raise InputError(f"{folder}: config.json says dtype {dtype!r}; only a float32 model is halved "
                          "(its config keeps float32, so it loads as float32).")
     changed = 0
     for path in _weight_files(folder):
