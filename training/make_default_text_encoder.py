@@ -164,6 +164,9 @@ def main(argv=None):
               "--seed", str(args.seed), "--split_seed", str(SEED), "--report_to", "none", "--logging_steps", "50",
               "--save_steps", str(args.save_steps), "--save_total_limit", "1",
               "--dataloader_num_workers", str(args.dataloader_workers),
+              # The round-robin epoch ends with the smallest dataset (the findings/impression pairs: ~20 steps), and
+              # each epoch would start its workers again.
+              *(["--dataloader_persistent_workers", "true"] if args.dataloader_workers else []),
               "--disable_tqdm", "true", "--resume", str(args.resume).lower(), "--use_cpu",
               str(not torch.cuda.is_available()).lower(), "--bf16", "true", "--eval_strategy", "no"]
     mntp = train_text_encoder.main([
