@@ -1,6 +1,6 @@
 """Hybrid (dense + BM25) search latency against dense search alone, on one EmbeddingIndex, in one run.
 
-    python benchmarks/hybrid.py [--reports 10000] [--dim 256] [--queries 100] [--kind flat] [--fusion normalized]
+    python benchmarks/hybrid.py [--reports 10000] [--dim 256] [--queries 100] [--kind flat] [--fusion zscore]
 
 The corpus is report text (the Open-I reports when ../shared/data is there, topped up with synthetic
 reports from `llm2clip4cxr.augment.synthetic`) with random unit vectors: search latency does not depend on

@@ -11,7 +11,8 @@ nested: its 20% hold-out contains the shipped model's 10%), and the fusion is ch
 development studies, where the twin is as unfamiliar with the reports as the default is with the held-out ones.
 
 Criterion, fixed before the run: the mean of findings->impression strict R@1 and unique-impression R@1 (the two
-headline numbers), ties broken by strict MRR. Grid: "normalized" and "rrf", dense weight 0 to 4 against lexical 1.
+headline numbers), ties broken by strict MRR. Grid: "normalized", "zscore" and "rrf", dense weight 0 to 6 against
+lexical 1.
 """
 
 import argparse
@@ -34,7 +35,7 @@ from llm2clip4cxr.fileio import atomic_write_json
 from llm2clip4cxr.retrieval.encoders import llm2vec_encoder
 from llm2clip4cxr.retrieval.hybrid import bm25_scores, fuse
 
-DENSE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+DENSE_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
 
 
 class _FixedScores:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 KINDS = ("text", "clip")
-FUSION_METHODS = ("rrf", "normalized")
-DEFAULT_FUSION = "normalized"  # the CLI's, fuse()'s, HybridScorer's and EmbeddingIndex.search_hybrid's default
-DEFAULT_FUSION_WEIGHTS = (3.0, 1.0)  # (dense, lexical), chosen on development studies: see retrieval.hybrid
+FUSION_METHODS = ("rrf", "normalized", "zscore")
+DEFAULT_FUSION = "zscore"  # the CLI's, fuse()'s, HybridScorer's and EmbeddingIndex.search_hybrid's default
+DEFAULT_FUSION_WEIGHTS = (4.0, 1.0)  # (dense, lexical), chosen on development studies: see retrieval.hybrid
 # ../shared/data beside the project root, as laid out for development and CI.
 _DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 

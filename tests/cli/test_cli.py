@@ -153,11 +153,11 @@ def test_index_build_then_search(make_encoder, tmp_path):
     query = F.normalize(LLM2Vec4CXRModel.from_pretrained(path).encode(["Heart size is enlarged."]), dim=-1).numpy()
     expected = index.search_hybrid(query, ["Heart size is enlarged."], k=3)[0]
     assert [hit["id"] for hit in json.loads(hybrid.stdout)["results"][0]["hits"]] == [hit[0] for hit in expected]
-    # --fusion-weights reach the fusion: BM25 alone (dense weight 0) gives its normalised scores.
+    # --fusion and --fusion-weights reach the fusion: BM25 alone (dense weight 0) gives its min-max scores.
     lexical_only = run_cli("index", "search", str(tmp_path / "index"), "Heart size is enlarged.", "--top-k", "3",
-                           "--json", "--hybrid", "--fusion-weights", "0", "1")
+                           "--json", "--hybrid", "--fusion", "normalized", "--fusion-weights", "0", "1")
     assert lexical_only.returncode == 0, lexical_only.stderr
-    expected = index.search_hybrid(query, ["Heart size is enlarged."], k=3, weights=(0.0, 1.0))[0]
+    expected = index.search_hybrid(query, ["Heart size is enlarged."], k=3, method="normalized", weights=(0.0, 1.0))[0]
     got = json.loads(lexical_only.stdout)["results"][0]["hits"]
     assert [hit["id"] for hit in got] == [hit[0] for hit in expected]
     assert [hit["score"] for hit in got] == pytest.approx([hit[1] for hit in expected], abs=1e-6)

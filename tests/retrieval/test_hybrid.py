@@ -98,6 +98,23 @@ def test_reciprocal_rank_fusion_by_hand():
         fuse(dense, lexical, weights=(0.0, 0.0))
 
 
+def test_z_score_fusion_by_hand_and_blind_to_each_models_scale_and_offset():
+    dense = np.array([[0.9, 0.1, 0.5], [0.2, 0.2, 0.2]])
+    lexical = np.array([[0.0, 3.0, 6.0], [0.0, 0.0, 9.0]])
+    fused = fuse(dense, lexical, "zscore", weights=(2.0, 1.0))
+    spread = np.sqrt(np.mean(np.square([0.4, -0.4, 0.0])))  # population standard deviation of row 0
+    expected_row0 = 2 * np.array([0.4, -0.4, 0.0]) / spread + np.array([-1.0, 0.0, 1.0]) / np.sqrt(2 / 3)
+    np.testing.assert_allclose(fused[0], expected_row0)
+    # A row without spread adds nothing (no division by zero): row 1 is the lexical z-scores alone.
+    np.testing.assert_allclose(fused[1], [-3 / np.sqrt(18), -3 / np.sqrt(18), 6 / np.sqrt(18)])
+    # Each query's scores may come on any scale: a positive scale and an offset per row change nothing.
+    rng = np.random.default_rng(0)
+    dense, lexical = rng.standard_normal((4, 7)), rng.gamma(2.0, size=(4, 7))
+    scale, offset = rng.uniform(0.1, 10, (4, 1)), rng.uniform(-5, 5, (4, 1))
+    np.testing.assert_allclose(fuse(dense * scale + offset, lexical * scale[::-1] - offset, "zscore"),
+                               fuse(dense, lexical, "zscore"))
+
+
 def test_hybrid_is_a_scorer_that_fixes_what_each_side_misses():
     # A dense model blind to every word but "effusion" cannot rank the left effusion above the right one;
     # BM25 can. Fusion puts the lexical match first.

@@ -141,7 +141,7 @@ HYBRID.add_argument(
 )
 HYBRID.add_argument(
     "--fusion", choices=FUSION_METHODS, default=DEFAULT_FUSION,
-    help=f"--hybrid fusion: min-max normalised scores or reciprocal-rank (k=60); default {DEFAULT_FUSION}",
+    help=f"--hybrid fusion: min-max normalised scores, z-scores or reciprocal-rank (k=60); default {DEFAULT_FUSION}",
 )
 HYBRID.add_argument(
     "--fusion-weights", nargs=2, type=non_negative_float, metavar=("DENSE", "LEXICAL"),
