@@ -160,15 +160,7 @@ def main(argv=None):
         )
         initial.save_pretrained(output / "init")
 
-    common = ["--reports", str(reports_csv), "--validation_fraction", str(args.held_out_fraction),
-              "--seed", str(args.seed), "--split_seed", str(SEED), "--report_to", "none", "--logging_steps", "50",
-              "--save_steps", str(args.save_steps), "--save_total_limit", "1",
-              "--dataloader_num_workers", str(args.dataloader_workers),
-              # The round-robin epoch ends with the smallest dataset (the findings/impression pairs: ~20 steps), and
-              # each epoch would start its workers again.
-              *(["--dataloader_persistent_workers", "true"] if args.dataloader_workers else []),
-              "--disable_tqdm", "true", "--resume", str(args.resume).lower(), "--use_cpu",
-              str(not torch.cuda.is_available()).lower(), "--bf16", "true", "--eval_strategy", "no"]
+    common = common_stage_flags(args, reports_csv)
     mntp = train_text_encoder.main([
         "--stage", "mntp", "--model_name_or_path", str(output / "init"), "--output_dir", str(output / "mntp"),
         "--max_steps", str(args.mntp_steps), "--per_device_train_batch_size", str(args.mntp_batch_size),
@@ -194,6 +186,19 @@ def main(argv=None):
         print(f"trained {contrastive} in {minutes} min", flush=True)
         return contrastive
     return evaluate_and_install(Path(contrastive), args, train_rows, validation_rows, output, minutes)
+
+
+def common_stage_flags(args, reports_csv) -> list[str]:
+    """The train_text_encoder.py flags both stages share: data, split, seeds, checkpoints, workers, device."""
+    return ["--reports", str(reports_csv), "--validation_fraction", str(args.held_out_fraction),
+            "--seed", str(args.seed), "--split_seed", str(SEED), "--report_to", "none", "--logging_steps", "50",
+            "--save_steps", str(args.save_steps), "--save_total_limit", "1",
+            "--dataloader_num_workers", str(args.dataloader_workers),
+            # The round-robin epoch ends with the smallest dataset (the findings/impression pairs: ~20 steps), and
+            # each epoch would start its workers again.
+            *(["--dataloader_persistent_workers", "true"] if args.dataloader_workers else []),
+            "--disable_tqdm", "true", "--resume", str(args.resume).lower(), "--use_cpu",
+            str(not torch.cuda.is_available()).lower(), "--bf16", "true", "--eval_strategy", "no"]
 
 
 def backbone_kwargs(args) -> dict:

@@ -23,6 +23,25 @@ def test_the_recorded_command_names_every_training_flag_that_differs_from_its_de
     }
 
 
+def test_dataloader_workers_stay_alive_across_epochs_and_the_flags_parse_as_training_arguments():
+    from transformers import TrainingArguments
+
+    from llm2clip4cxr.training.recipe import parse_recipe_arguments
+
+    make_default = import_recipe("make_default_text_encoder")
+    train_text_encoder = import_recipe("train_text_encoder")
+    for workers, persistent in ((0, False), (2, True)):
+        args = make_default.build_parser().parse_args(["--dataloader-workers", str(workers)])
+        flags = make_default.common_stage_flags(args, "reports.csv")
+        _, training_args = parse_recipe_arguments(train_text_encoder.RecipeArguments, [
+            "--stage", "mntp", "--model_name_or_path", "m", "--output_dir", "out", *flags,
+        ])
+        assert isinstance(training_args, TrainingArguments)
+        assert training_args.dataloader_num_workers == workers
+        # The round-robin epoch is ~20 steps: restarting the workers each epoch held a GPU run up.
+        assert training_args.dataloader_persistent_workers is persistent
+
+
 def test_a_backbone_width_that_is_no_multiple_of_the_head_size_is_refused_in_one_line(capsys):
     make_default = import_recipe("make_default_text_encoder")
     with pytest.raises(SystemExit) as exit_info:
