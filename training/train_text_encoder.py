@@ -23,7 +23,6 @@ weights go into a bidirectional backbone with a new pooling head). The trained e
 
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 import datasets
@@ -313,8 +312,7 @@ def main(argv=None) -> str:
             raise InputError(f"--time_budget_minutes cannot resume {resume_from}: its schedule follows one run's "
                              "clock. Start again without --resume, or resume without the budget and with --max_steps.")
         trainer.add_callback(TrainingTimeBudget(args.time_budget_minutes))
-    started = time.monotonic()
-    trainer.train(resume_from_checkpoint=resume_from)
+    train_output = trainer.train(resume_from_checkpoint=resume_from)
     if args.lora:
         encoder.model = encoder.model.merge_and_unload()
     final = None
@@ -322,7 +320,7 @@ def main(argv=None) -> str:
         final = save_pretrained_atomically(training_args.output_dir, encoder)
         # What a time-budgeted run reached, for the model card (trainer_state.json is only in checkpoints).
         atomic_write_json(os.path.join(training_args.output_dir, "train_summary.json"), {
-            "global_step": trainer.state.global_step, "minutes": round((time.monotonic() - started) / 60, 2),
+            "global_step": train_output.global_step, "minutes": round(train_output.metrics["train_runtime"] / 60, 2),
             "time_budget_minutes": args.time_budget_minutes,
         }, indent=2)
         print(f"saved the trained encoder to {final}")
